@@ -1,0 +1,1 @@
+"""Data: tokenizers, prompt templates, datasets and input pipelines."""

@@ -1,0 +1,364 @@
+"""Hugging Face checkpoints <-> NNX parameters.
+
+Because the NNX model uses HF attribute names and calls every parameter ``weight`` or
+``bias``, a parameter's NNX path is its safetensors key. The only differences are layouts:
+HF stores linear layers as [out, in]; we store them as [*in, *out] with heads split out
+(q_proj [D, N, H], o_proj [N, H, D]) so heads can be sharded. ``_TRANSFORMS`` is that table.
+
+Loading reads one tensor at a time from memory-mapped safetensors files, converts it and
+places it (sharded across ``mesh`` when given, each device receiving only its slice), so
+the host never holds more than one full tensor beyond the mapped file. Export writes
+safetensors shards of bounded size plus ``config.json`` (and the tokenizer), loadable by
+``transformers.AutoModelForCausalLM.from_pretrained`` and vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxalign import sharding as sharding_lib
+from jaxalign.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, abstract_model
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+# Keys some older checkpoints carry that hold no parameters.
+_IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, malformed or does not match the model."""
+
+
+# --- layout table -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    to_jax: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (hf array, our shape)
+    to_hf: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (our array, our shape)
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> HF shape
+
+
+def _linear(in_ndim: int) -> _Transform:
+    def hf_shape(shape):
+        return (int(np.prod(shape[in_ndim:])), int(np.prod(shape[:in_ndim])))
+
+    return _Transform(
+        to_jax=lambda w, shape: w.T.reshape(shape),
+        to_hf=lambda w, shape: w.reshape(hf_shape(shape)[::-1]).T,
+        hf_shape=hf_shape,
+    )
+
+
+_RESHAPE = _Transform(
+    to_jax=lambda w, shape: w.reshape(shape),
+    to_hf=lambda w, shape: w.reshape(-1),
+    hf_shape=lambda shape: (int(np.prod(shape)),),
+)
+_IDENTITY = _Transform(lambda w, shape: w, lambda w, shape: w, lambda shape: tuple(shape))
+
+_TRANSFORMS: list[tuple[re.Pattern, _Transform]] = [
+    (re.compile(r"model\.layers\.\d+\.self_attn\.o_proj\.weight"), _linear(in_ndim=2)),
+    (re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight"), _linear(in_ndim=1)),
+    (re.compile(r"lm_head\.weight"), _linear(in_ndim=1)),
+    (re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias"), _RESHAPE),
+    (re.compile(r"model\.embed_tokens\.weight"), _IDENTITY),
+    (re.compile(r"model\.(layers\.\d+\.)?\w*norm\.weight"), _IDENTITY),
+]
+
+
+def _transform_for(key: str) -> _Transform:
+    for pattern, transform in _TRANSFORMS:
+        if pattern.fullmatch(key):
+            return transform
+    raise KeyError(f"no HF layout rule for parameter {key!r}")
+
+
+def _params_by_key(model: nnx.Module) -> dict[str, nnx.Variable]:
+    return {
+        ".".join(str(p) for p in path): var
+        for path, var in nnx.iter_graph(model)
+        if isinstance(var, nnx.Param)
+    }
+
+
+# --- resolving a model directory --------------------------------------------------------
+
+
+def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory, or a Hub id downloaded (safetensors, config, tokenizer) to the cache.
+
+    Raises:
+        CheckpointError: when the path is not a directory and the Hub cannot supply it.
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hub_id)
+    looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+    if not looks_like_id:
+        raise CheckpointError(f"{text}: no such directory (and not a Hugging Face Hub id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=text,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"],
+        )
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise CheckpointError(
+            f"{text}: not a local directory, and downloading it from the Hugging Face Hub "
+            f"failed ({type(e).__name__}: {e}). Pass a local path to a model directory, or "
+            "check the network / HF_HUB_OFFLINE / HF_TOKEN."
+        ) from e
+    return Path(local)
+
+
+def load_config(path_or_hub_id: str | os.PathLike, **runtime: Any) -> Qwen2Config:
+    """Reads ``config.json`` of a model directory (runtime settings as keyword arguments)."""
+    model_dir = resolve_model_dir(path_or_hub_id)
+    try:
+        return Qwen2Config.from_json_file(model_dir / "config.json", **runtime)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _weight_map(model_dir: Path) -> dict[str, Path]:
+    """{tensor key: file} from the index or the single file."""
+    index = model_dir / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed safetensors index ({e})") from None
+        files = {name: model_dir / name for name in set(weight_map.values())}
+        for f in files.values():
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return {key: files[name] for key, name in weight_map.items()}
+    single = model_dir / SAFE_SINGLE
+    if single.is_file():
+        with _open(single) as f:
+            return {key: single for key in f.keys()}
+    hint = ""
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pth")):
+        hint = " (found PyTorch .bin weights: re-save them with safe_serialization=True)"
+    raise CheckpointError(f"{model_dir}: no {SAFE_SINGLE} or {SAFE_INDEX}{hint}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def from_pretrained(
+    path_or_hub_id: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    **runtime: Any,
+) -> Qwen2ForCausalLM:
+    """Loads a Hugging Face Qwen2 checkpoint into an NNX ``Qwen2ForCausalLM``.
+
+    Args:
+        path_or_hub_id: a local model directory (``config.json`` + ``model.safetensors`` or
+            sharded ``model-*.safetensors`` with an index) or a Hub id such as
+            ``Qwen/Qwen2.5-Math-1.5B`` (downloaded when the network allows).
+        dtype: compute dtype (default bfloat16).
+        param_dtype: parameter dtype (default float32).
+        mesh: when given, every parameter is placed sharded over it by the logical-axis
+            ``rules`` (default ``jaxalign.sharding.PARAM_RULES``), each device receiving only
+            its slice.
+        **runtime: further ``Qwen2Config`` runtime settings (``attention_impl``, ``remat``).
+
+    Raises:
+        CheckpointError: naming the file and the problem for a missing or truncated file, a
+            non-Qwen2 config, a missing or unexpected tensor, or a shape mismatch.
+    """
+    model_dir = resolve_model_dir(path_or_hub_id)
+    cfg = load_config(model_dir, dtype=dtype, param_dtype=param_dtype, **runtime)
+    cfg = cfg.replace(hf_extra={**cfg.hf_extra, "_name_or_path": str(path_or_hub_id)})
+    weight_map = _weight_map(model_dir)
+    model = abstract_model(cfg)
+    model.source_dir = str(model_dir)  # lets save_pretrained copy the tokenizer files
+    params = _params_by_key(model)
+    rules = sharding_lib.PARAM_RULES if rules is None else rules
+
+    expected = set(params)
+    present = {k for k in weight_map if not _IGNORED_KEYS.fullmatch(k)}
+    if cfg.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some exporters write the tied copy; it is unused
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. "
+            f"{missing[:3]}"
+            + (" (config says untied embeddings)" if "lm_head.weight" in missing else "")
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{model_dir}: {len(unexpected)} unexpected tensor(s) for this Qwen2 config, e.g. "
+            f"{unexpected[:3]} -- is config.json from a different model?"
+        )
+
+    handles: dict[Path, Any] = {}
+    try:
+        for key, var in params.items():
+            file = weight_map[key]
+            if file not in handles:
+                handles[file] = _open(file)
+            shape, transform = tuple(var.shape), _transform_for(key)
+            hf_shape = transform.hf_shape(shape)
+            try:
+                tensor = handles[file].get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+            if tuple(tensor.shape) != hf_shape:
+                raise CheckpointError(
+                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)} but config.json "
+                    f"implies {hf_shape}"
+                )
+            value = transform.to_jax(tensor, shape).astype(cfg.param_dtype)
+            var.set_value(_place(value, mesh, var.get_metadata()["logical_axes"], rules))
+            del tensor, value
+    finally:
+        handles.clear()
+    return model
+
+
+def _place(value: np.ndarray, mesh, logical_axes, rules) -> jax.Array:
+    if mesh is None:
+        return jnp.asarray(value)
+    sharding = sharding_lib.named_sharding(mesh, logical_axes, value.shape, rules)
+    # Each addressable device copies only its own slice of the host array.
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+# --- export -----------------------------------------------------------------------------
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(
+    model: Qwen2ForCausalLM,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    dtype: Any = None,
+    max_shard_size: int = 5 * 2**30,
+) -> Path:
+    """Writes ``model`` as a Hugging Face directory.
+
+    Writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors``
+    plus ``model.safetensors.index.json`` when larger than ``max_shard_size`` bytes), and the
+    tokenizer: ``tokenizer.save_pretrained`` when given, else the tokenizer files of the
+    directory the model was loaded from.
+
+    Args:
+        dtype: dtype of the written tensors (default: the parameter dtype). Use bfloat16 for
+            a half-size export for vLLM.
+
+    Returns:
+        The output directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    params = _params_by_key(model)
+    out_dtype = jnp.dtype(dtype) if dtype is not None else None
+
+    # Plan shards by size first so each shard's tensors are gathered only while written.
+    keys = list(params)
+    sizes = {
+        k: int(np.prod(params[k].shape)) * (out_dtype or params[k].dtype).itemsize for k in keys
+    }
+    shards: list[list[str]] = [[]]
+    current = 0
+    for k in keys:
+        if shards[-1] and current + sizes[k] > max_shard_size:
+            shards.append([])
+            current = 0
+        shards[-1].append(k)
+        current += sizes[k]
+
+    for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
+        if stale.exists():
+            stale.unlink()  # never leave shards of an older export beside the new ones
+    weight_map = {}
+    names = (
+        [SAFE_SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard_keys in zip(names, shards, strict=True):
+        tensors = {}
+        for k in shard_keys:
+            value = _gather(params[k][...])
+            hf = _transform_for(k).to_hf(value, tuple(value.shape))
+            if out_dtype is not None:
+                hf = hf.astype(out_dtype)
+            tensors[k] = np.ascontiguousarray(hf)
+            weight_map[k] = name
+        if jax.process_index() == 0:
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+        del tensors
+    if jax.process_index() != 0:
+        return out
+    if len(shards) > 1:
+        total = sum(sizes.values())
+        (out / SAFE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(jnp.dtype(out_dtype or cfg.param_dtype))
+    hf_cfg.pop("dtype", None)
+    hf_cfg.pop("_name_or_path", None)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    else:
+        source = getattr(model, "source_dir", None)
+        if source:
+            for name in TOKENIZER_FILES:
+                src = Path(source) / name
+                if src.is_file() and src.resolve() != (out / name).resolve():
+                    shutil.copy2(src, out / name)
+    return out

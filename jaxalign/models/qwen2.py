@@ -1,0 +1,578 @@
+"""Qwen2 causal language model in Flax NNX.
+
+Attribute names follow Hugging Face (``model.embed_tokens``, ``model.layers[i].self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ``model.norm``, ``lm_head``) and every parameter is
+called ``weight`` or ``bias``, so an NNX state path *is* the safetensors key and conversion
+(``hf_io.py``) is a table of per-key transposes and reshapes.
+
+Every parameter carries logical axis names (``Param.logical_axes``); ``jaxalign.sharding``
+maps them to mesh axes, so the model never mentions a mesh.
+
+Dimension legend (used in einsum strings, shape comments and logical axis names):
+    B batch, T query length, S key length, D model (``embed``), N query heads (``heads``),
+    K key/value heads (``kv_heads``), G query heads per kv head (N // K), H head dim
+    (``head_dim``), F MLP hidden (``mlp``), V vocabulary (``vocab``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models import rope
+
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+# HF config keys that Qwen2Config mirrors as fields; everything else in config.json is kept
+# verbatim in ``Qwen2Config.hf_extra`` so export writes back what it read.
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "hidden_act",
+)
+
+
+def _to_dtype(x: Any) -> jnp.dtype:
+    return jnp.dtype(x) if x is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture (mirrors ``transformers.Qwen2Config``) plus jaxalign runtime settings.
+
+    Runtime settings (not written to config.json): ``dtype`` is the compute dtype,
+    ``param_dtype`` the storage dtype of parameters (bf16 compute with fp32 parameters is
+    the training default), ``attention_impl`` one of ``ATTENTION_IMPLS`` and ``remat`` one
+    of ``REMAT_POLICIES`` (activation checkpointing per decoder layer).
+    """
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = dataclasses.field(default=None, hash=False)
+    tie_word_embeddings: bool = True
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    # Runtime settings.
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+    attention_impl: str = "xla"
+    remat: str = "none"
+    # Everything else from config.json (token ids, torch_dtype, ...), written back on export.
+    hf_extra: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (Qwen2 uses 'silu')")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        rope.rope_type_of(self.rope_scaling)  # raises for unsupported types
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any) -> Qwen2Config:
+        return dataclasses.replace(self, **changes)
+
+    def layer_uses_sliding_window(self, i: int) -> bool:
+        # transformers: layers with index >= max_window_layers use the window.
+        return bool(self.use_sliding_window and self.sliding_window and i >= self.max_window_layers)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        n, k = self.num_attention_heads, self.num_key_value_heads
+        attn = d * n * h + n * h + 2 * (d * k * h + k * h) + n * h * d
+        layer = attn + 3 * d * f + 2 * d
+        return (
+            v * d + self.num_hidden_layers * layer + d + (0 if self.tie_word_embeddings else d * v)
+        )
+
+    # --- Hugging Face config.json <-> Qwen2Config -------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json", **runtime: Any) -> Qwen2Config:
+        """Builds a config from a parsed HF ``config.json``.
+
+        Raises:
+            ValueError: naming ``source`` when the architecture is not Qwen2 or a field is
+                missing.
+        """
+        model_type = d.get("model_type")
+        if model_type != "qwen2":
+            archs = d.get("architectures")
+            raise ValueError(
+                f"{source}: model_type={model_type!r} (architectures={archs}); jaxalign loads "
+                "Qwen2-family checkpoints only (model_type 'qwen2', e.g. Qwen2.5, Qwen2.5-Math)"
+            )
+        d = dict(d)
+        # transformers >= 5 folds rope_theta and rope_scaling into rope_parameters.
+        rope_params = d.pop("rope_parameters", None) or {}
+        rope_scaling = d.pop("rope_scaling", None)
+        theta = d.pop("rope_theta", None) or rope_params.get("rope_theta", 10000.0)
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        kwargs: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling": rope_scaling}
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing required fields {missing}")
+        for key in _HF_FIELDS:
+            if key in d and key != "rope_theta":
+                kwargs[key] = d.pop(key)
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        if "initializer_range" in d:
+            kwargs["initializer_range"] = d.pop("initializer_range")
+        for key in ("dtype", "param_dtype"):
+            if key in runtime and runtime[key] is not None:
+                runtime[key] = _to_dtype(runtime[key])
+            else:
+                runtime.pop(key, None)
+        return cls(**kwargs, **runtime, hf_extra=d)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **runtime: Any) -> Qwen2Config:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config.json not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path), **runtime)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json dictionary (architecture fields plus everything read with it)."""
+        d = dict(self.hf_extra)
+        for key in _HF_FIELDS:
+            d[key] = getattr(self, key)
+        d["rope_theta"] = self.rope_theta
+        d["rope_scaling"] = self.rope_scaling
+        d["initializer_range"] = self.initializer_range
+        d["model_type"] = "qwen2"
+        d.setdefault("architectures", ["Qwen2ForCausalLM"])
+        return d
+
+    def to_hf(self):
+        """A ``transformers.Qwen2Config`` with the same architecture."""
+        import transformers
+
+        d = self.to_hf_dict()
+        d.pop("model_type", None)
+        return transformers.Qwen2Config(**d)
+
+
+# --- presets -------------------------------------------------------------------------
+
+
+def qwen2p5_math_1p5b(**runtime: Any) -> Qwen2Config:
+    """Qwen2.5-Math-1.5B (1.54B parameters, tied embeddings)."""
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        max_window_layers=21,
+        **runtime,
+    )
+
+
+def qwen2p5_0p5b(**runtime: Any) -> Qwen2Config:
+    """Qwen2.5-0.5B (0.49B parameters, tied embeddings)."""
+    return Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        max_window_layers=21,
+        **runtime,
+    )
+
+
+def tiny(**overrides: Any) -> Qwen2Config:
+    """A few-hundred-thousand-parameter config for tests and the CPU demo."""
+    base = dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        dtype=jnp.float32,
+    )
+    base.update(overrides)
+    return Qwen2Config(**base)
+
+
+# --- modules ---------------------------------------------------------------------------
+
+
+class Param(nnx.Param):
+    """An ``nnx.Param`` whose metadata ``logical_axes`` names each dimension."""
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, logical_axes) -> Param:
+    assert len(shape) == len(logical_axes), (shape, logical_axes)
+    value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
+    return Param(value, logical_axes=tuple(logical_axes))
+
+
+class Linear(nnx.Module):
+    """``y = einsum(x, weight) (+ bias)`` with a multi-dimensional kernel.
+
+    Kernels keep head structure (e.g. q_proj is [D, N, H]) so heads can be sharded without
+    reshapes; ``hf_io`` reshapes/transposes to and from HF's [out, in] layout.
+    """
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias, cfg, rngs):
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.in_ndim = len(in_shape)
+        self.dtype = cfg.dtype
+        self.weight = _param(
+            rngs, init, (*in_shape, *out_shape), cfg.param_dtype, (*in_axes, *out_axes)
+        )
+        self.bias = (
+            _param(rngs, nnx.initializers.zeros, out_shape, cfg.param_dtype, out_axes)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...].astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
+        y = jax.lax.dot_general(x.astype(self.dtype), w, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        self.eps = cfg.rms_norm_eps
+        self.dtype = cfg.dtype
+        self.weight = _param(
+            rngs, nnx.initializers.ones, (cfg.hidden_size,), cfg.param_dtype, ("norm",)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D]
+        # Normalise in fp32 (as transformers does), then scale in the compute dtype.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        init = nnx.initializers.normal(cfg.initializer_range)
+        self.dtype = cfg.dtype
+        self.weight = _param(
+            rngs, init, (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype, ("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] (tied head)
+        return jnp.einsum("btd,vd->btv", x, self.weight[...].astype(self.dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Linear(
+            (d,), (n, h), ("embed",), ("heads", "head_dim"), use_bias=True, cfg=cfg, rngs=rngs
+        )
+        self.k_proj = Linear(
+            (d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, cfg=cfg, rngs=rngs
+        )
+        self.v_proj = Linear(
+            (d,), (k, h), ("embed",), ("kv_heads", "head_dim"), use_bias=True, cfg=cfg, rngs=rngs
+        )
+        self.o_proj = Linear(
+            (n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, cfg=cfg, rngs=rngs
+        )
+
+    def __call__(self, x, cos, sin, mask):
+        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] bool -> [B, T, D]."""
+        q = rope.apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
+        k = rope.apply_rope(self.k_proj(x), cos, sin)  # [B, S, K, H]
+        v = self.v_proj(x)  # [B, S, K, H]
+        out = attend(q, k, v, mask, impl=self.cfg.attention_impl)  # [B, T, N, H]
+        return self.o_proj(out)
+
+
+def attend(q, k, v, mask, *, impl: str = "xla"):
+    """Scaled dot-product attention with grouped KV heads.
+
+    Args:
+        q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
+        mask: [B, 1, T, S] bool, True where a query may attend to a key. Every query row
+            must allow at least one key (the model lets padding tokens see themselves).
+        impl: ``xla`` (plain einsums, the reference, runs everywhere), ``dot_product``
+            (``jax.nn.dot_product_attention``, lets XLA pick a fused kernel) or ``cudnn``
+            (cuDNN flash attention; GPU only, bf16/fp16 inputs).
+
+    Returns:
+        [B, T, N, H] in the dtype of ``q``.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    if impl != "xla":
+        implementation = "cudnn" if impl == "cudnn" else None
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    q = q.reshape(b, t, kv, n // kv, h) * jnp.asarray(h**-0.5, q.dtype)  # [B, T, K, G, H]
+    # Scores accumulate in fp32 whatever the compute dtype.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(
+            (d,), (f,), ("embed",), ("mlp",), use_bias=False, cfg=cfg, rngs=rngs
+        )
+        self.up_proj = Linear((d,), (f,), ("embed",), ("mlp",), use_bias=False, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(
+            (f,), (d,), ("mlp",), ("embed",), use_bias=False, cfg=cfg, rngs=rngs
+        )
+
+    def __call__(self, x):  # [B, T, D]
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):  # [B, T, D]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nnx.Module):
+    """The decoder stack: embeddings -> layers -> final norm (no LM head)."""
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg, rngs=rngs)
+        inv_freq, self.attention_scaling = rope.rope_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.inv_freq = tuple(float(f) for f in inv_freq)  # static, not a parameter
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """input_ids [B, T] -> hidden states [B, T, D] (after the final norm)."""
+        cfg = self.cfg
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.bool_)
+        attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        positions = jnp.asarray(positions)
+
+        if rope.rope_type_of(cfg.rope_scaling) == "dynamic":
+            inv_freq = rope.dynamic_ntk_inv_freq(
+                positions,
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.rope_scaling["factor"],
+                cfg.max_position_embeddings,
+            )
+        else:
+            inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        cos, sin = rope.rope_cos_sin(positions, inv_freq, self.attention_scaling)
+
+        full_mask = causal_padding_mask(attention_mask)
+        window_mask = (
+            causal_padding_mask(attention_mask, sliding_window=cfg.sliding_window)
+            if cfg.use_sliding_window and cfg.sliding_window
+            else None
+        )
+
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        for i, layer in enumerate(self.layers):
+            mask = window_mask if cfg.layer_uses_sliding_window(i) else full_mask
+            x = _run_layer(layer, x, cos, sin, mask, cfg.remat)
+        return self.norm(x)
+
+
+def _run_layer(layer, x, cos, sin, mask, remat: str):
+    if remat == "none":
+        return layer(x, cos, sin, mask)
+    policy = (
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if remat == "save_dots" else None
+    )
+    return nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, cos, sin, mask)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2 with its language-model head.
+
+    Call: ``model(input_ids[B, T], attention_mask=None[B, T]) -> logits[B, T, V]``.
+    ``input_ids`` may be NumPy or JAX integer arrays; ``attention_mask`` is 1 on real
+    tokens and 0 on padding (left or right). Positions default to ``cumsum(mask) - 1``, so a
+    left-padded row starts at position 0 on its first real token.
+    """
+
+    def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs | None = None):
+        """Builds the model; parameters are random from ``rngs`` (zeros when None)."""
+        self.config = cfg
+        self.model = Qwen2Model(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(
+                (cfg.hidden_size,),
+                (cfg.vocab_size,),
+                ("embed",),
+                ("vocab",),
+                use_bias=False,
+                cfg=cfg,
+                rngs=rngs,
+            )
+        else:
+            self.lm_head = None
+
+    def __call__(self, input_ids, attention_mask=None, *, positions=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions=positions))
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None):
+        """Final-norm hidden states [B, T, D] (for chunked losses that skip full logits)."""
+        return self.model(input_ids, attention_mask, positions)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V] in the compute dtype."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def lm_head_weight(self) -> jax.Array:
+        """The output projection as [D, V] (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...].T
+        return self.lm_head.weight[...]
+
+
+# --- masks and positions ---------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask -> [B, T] int32 positions, 0 at each row's first real token.
+
+    Padding positions get 0 (any value works: they are masked out).
+    """
+    m = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+def causal_padding_mask(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """[B, S] key mask -> [B, 1, T, S] bool with T == S.
+
+    A query attends to earlier-or-equal real keys (within ``sliding_window`` when given, as
+    ``q - k < window``). A padding query attends to itself only, which keeps every softmax
+    row finite; its output is ignored.
+    """
+    s = attention_mask.shape[-1]
+    idx = jnp.arange(s)
+    causal = idx[:, None] >= idx[None, :]  # [T, S]
+    if sliding_window is not None:
+        causal &= (idx[:, None] - idx[None, :]) < sliding_window
+    mask = causal[None] & attention_mask[:, None, :].astype(jnp.bool_)  # [B, T, S]
+    mask |= jnp.eye(s, dtype=jnp.bool_)[None]
+    return mask[:, None]
+
+
+def init_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised model (normal(0, initializer_range) weights, unit norms)."""
+    return Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: Qwen2Config) -> Qwen2ForCausalLM:
+    """The model with ``jax.ShapeDtypeStruct`` parameters: shapes without memory."""
+    return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_logical_axes(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+    """``{"model.layers.0.self_attn.q_proj.weight": ("embed", "heads", "head_dim"), ...}``."""
+    out = {}
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            out[".".join(str(p) for p in path)] = var.get_metadata()["logical_axes"]
+    return out
+
+
+def count_params(model: nnx.Module) -> int:
+    state = nnx.state(model, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -1,0 +1,112 @@
+"""Meshes and logical-axis rules: the one place that maps model axes to devices.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``norm``); activations use ``batch``, ``length`` and the same model
+names. A rule table maps each logical name to a mesh axis (or several, or none). Keeping
+parameter and activation rules separate lets a sampler drop FSDP without touching the model.
+
+Mesh axes: ``data`` (pure data parallel, parameters replicated), ``fsdp`` (data parallel
+with parameters, gradients and optimizer state sharded), ``tensor`` (Megatron-style heads
+and MLP sharding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards the large (embedding) dimension of every weight; tensor parallelism shards
+# heads, kv heads, the MLP hidden dimension and the vocabulary.
+PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+}
+
+ACTIVATION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (of all processes).
+
+    One of the sizes may be -1: it takes whatever the others leave.
+
+    Raises:
+        ValueError: when the sizes do not multiply to the device count, with the count.
+    """
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {sizes}: at most one axis may be -1")
+    if -1 in sizes:
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if known <= 0 or n % known:
+            raise ValueError(f"mesh sizes {sizes} do not divide the {n} available devices")
+        sizes[sizes.index(-1)] = n // known
+    if int(np.prod(sizes)) != n:
+        raise ValueError(
+            f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs "
+            f"{int(np.prod(sizes))} devices but {n} are available; change the mesh sizes so "
+            "their product equals the device count (or set one to -1)"
+        )
+    # Auto axes: shardings of intermediates are left to XLA's propagation (GSPMD); the
+    # model and steps pin only inputs, outputs and a few activations.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Mapping[str, str | tuple[str, ...] | None],
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec``.
+
+    With ``mesh`` and ``shape``, a dimension whose size is not divisible by its mesh axes
+    is replicated instead (e.g. 2 kv heads on 4-way tensor parallelism), and a mesh axis is
+    used at most once per array.
+    """
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes:
+                size = int(np.prod([mesh.shape[a] for a in axes]))
+                if shape[i] % size:
+                    axes = ()
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    mesh: Mesh,
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    rules: Mapping[str, str | tuple[str, ...] | None] = PARAM_RULES,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh, shape))
