@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+# On GPU, JAX would otherwise reserve 75% of memory up front and starve PyTorch.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import tempfile
 import time
 
@@ -55,10 +58,11 @@ def time_fn(fn, warmup: int, iters: int) -> float:
 
 
 def jax_fns(model, ids):
+    """ids [B, T + 1]: the model sees ids[:, :-1], the loss predicts ids[:, 1:]."""
     graphdef, state = nnx.split(model)
 
     def forward(state, ids):
-        return nnx.merge(graphdef, state)(ids)
+        return nnx.merge(graphdef, state)(ids[:, :-1])
 
     def loss_fn(state, ids):
         logits = nnx.merge(graphdef, state)(ids[:, :-1]).astype(jnp.float32)
@@ -87,7 +91,7 @@ def torch_fns(path, ids, dtype, device):
 
     def forward():
         with torch.no_grad():
-            _ = model(ids_t).logits
+            _ = model(ids_t[:, :-1]).logits
         sync()
 
     def fwd_bwd():
@@ -109,18 +113,26 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--attention", default="xla", help="jaxalign attention_impl")
+    ap.add_argument("--remat", default="none", help="jaxalign remat policy")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak (TFLOP/s) for MFU, e.g. 989 for H100 SXM bf16 dense",
+    )
     args = ap.parse_args()
 
     cfg = PRESETS[args.preset]().replace(
         dtype=jnp.dtype(args.dtype),
         param_dtype=jnp.dtype(args.dtype),
         attention_impl=args.attention,
+        remat=args.remat,
     )
     model = init_model(cfg, seed=0)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq))
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1))
     tokens = args.batch * args.seq
     platform = jax.devices()[0].platform
     print(
@@ -136,18 +148,28 @@ def main():
         "dtype": args.dtype,
         "device": jax.devices()[0].device_kind,
     }
-    fwd, fwd_bwd = jax_fns(model, ids)
-    results["jax_fwd_tok_s"] = tokens / time_fn(fwd, 2, args.iters)
-    results["jax_fwd_bwd_tok_s"] = tokens / time_fn(fwd_bwd, 2, args.iters)
-
-    if not args.skip_torch:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        # PyTorch runs first and empties its cache afterwards: JAX's allocator keeps what it
+        # has grown to, which would starve PyTorch on a GPU.
+        if not args.skip_torch:
             save_pretrained(model, tmp)
-            del model
             device = "cuda" if platform == "gpu" else "cpu"
             t_fwd, t_fwd_bwd = torch_fns(tmp, ids, args.dtype, device)
             results["torch_fwd_tok_s"] = tokens / time_fn(t_fwd, 2, args.iters)
             results["torch_fwd_bwd_tok_s"] = tokens / time_fn(t_fwd_bwd, 2, args.iters)
+            del t_fwd, t_fwd_bwd
+            if device == "cuda":
+                import gc
+
+                import torch
+
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    fwd, fwd_bwd = jax_fns(model, ids)
+    del model
+    results["jax_fwd_tok_s"] = tokens / time_fn(fwd, 2, args.iters)
+    results["jax_fwd_bwd_tok_s"] = tokens / time_fn(fwd_bwd, 2, args.iters)
 
     print(f"{'':>14} {'jaxalign tok/s':>15} {'torch tok/s':>12} {'ratio':>6}")
     for name, key in [("forward", "fwd"), ("forward+back", "fwd_bwd")]:
@@ -156,6 +178,15 @@ def main():
         ratio = f"{j / t:6.2f}" if t else "   n/a"
         results[f"ratio_{key}"] = j / t if t else None
         print(f"{name:>14} {j:15,.0f} {t or float('nan'):12,.0f} {ratio}")
+    if args.peak_tflops:
+        for key, backward in [("fwd", False), ("fwd_bwd", True)]:
+            flops = cfg.flops_per_token(args.seq, backward=backward)
+            for fw in ("jax", "torch"):
+                tok_s = results.get(f"{fw}_{key}_tok_s")
+                if tok_s:
+                    mfu = tok_s * flops / (args.peak_tflops * 1e12)
+                    results[f"{fw}_{key}_mfu"] = mfu
+                    print(f"MFU {fw:>5} {key:>7}: {100 * mfu:5.1f}% of {args.peak_tflops} TFLOP/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

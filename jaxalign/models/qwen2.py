@@ -131,6 +131,19 @@ class Qwen2Config:
             v * d + self.num_hidden_layers * layer + d + (0 if self.tie_word_embeddings else d * v)
         )
 
+    def flops_per_token(self, seq_len: int, backward: bool = True) -> float:
+        """Model FLOPs per token, PaLM convention (used for MFU).
+
+        Forward: 2 FLOPs per weight in a matmul (every parameter but the embedding lookup;
+        the LM head counts even when tied) plus 4 * T * D per layer for attention scores and
+        values over the full (not causally halved) sequence. Backward doubles it (x3 total).
+        """
+        matmul_params = self.num_params() - self.vocab_size * self.hidden_size
+        matmul_params += self.vocab_size * self.hidden_size  # the LM head, tied or not
+        matmul_params -= self.num_hidden_layers * 2 * self.hidden_size + self.hidden_size  # norms
+        forward = 2 * matmul_params + 4 * self.num_hidden_layers * seq_len * self.hidden_size
+        return float(forward * (3 if backward else 1))
+
     # --- Hugging Face config.json <-> Qwen2Config -------------------------------------
 
     @classmethod

@@ -409,3 +409,29 @@ def test_config_round_trips_through_hf(tmp_path):
         assert a[key] == b[key], key
     cfg = Qwen2Config.from_json_file(out / "config.json")
     assert cfg.rope_scaling["rope_type"] == "yarn"
+
+
+def test_flops_per_token_counts_matmul_params():
+    cfg = tiny(tie_word_embeddings=True)
+    d, f, v, L, n, k, h = 64, 128, 1024, 2, 4, 2, 16
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f  # weights only
+    biases = L * (n * h + 2 * k * h)
+    forward = 2 * (L * per_layer + biases + d * v) + 4 * L * 10 * d
+    assert cfg.flops_per_token(10, backward=False) == forward
+    assert cfg.flops_per_token(10) == 3 * forward
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_cudnn_attention_matches_xla_on_gpu():
+    cfg = tiny(dtype=jnp.bfloat16, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 64))
+    mask = np.ones_like(ids)
+    mask[1, :17] = 0
+    base = init_model(cfg, seed=0)
+    state = nnx.state(base)
+    ref = np.asarray(base(ids, mask), np.float32)
+    fused = nnx.merge(nnx.graphdef(init_model(cfg.replace(attention_impl="cudnn"))), state)
+    out = np.asarray(fused(ids, mask), np.float32)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out[real], ref[real], atol=0.05)
