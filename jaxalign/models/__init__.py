@@ -1,6 +1,12 @@
 """Models: the Qwen2 port and Hugging Face checkpoint conversion."""
 
-from jaxalign.models.hf_io import CheckpointError, from_pretrained, load_config, save_pretrained
+from jaxalign.models.hf_io import (
+    CheckpointError,
+    from_pretrained,
+    load_config,
+    load_tokenizer,
+    save_pretrained,
+)
 from jaxalign.models.qwen2 import (
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -19,6 +25,7 @@ __all__ = [
     "from_pretrained",
     "init_model",
     "load_config",
+    "load_tokenizer",
     "qwen2p5_0p5b",
     "qwen2p5_math_1p5b",
     "save_pretrained",

@@ -147,6 +147,23 @@ def load_config(path_or_hub_id: str | os.PathLike, **runtime: Any) -> Qwen2Confi
         raise CheckpointError(str(e)) from None
 
 
+def load_tokenizer(path_or_hub_id: str | os.PathLike, **kwargs: Any):
+    """The checkpoint's own tokenizer, via ``transformers.AutoTokenizer`` (nothing hand-written)."""
+    import transformers
+
+    model_dir = resolve_model_dir(path_or_hub_id)
+    # transformers 5 quietly builds an *empty* Qwen2 tokenizer from a directory with no
+    # tokenizer files; refuse that instead of training on a 1-token vocabulary.
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise CheckpointError(
+            f"{model_dir}: cannot load a tokenizer (no tokenizer.json or vocab.json there)"
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load a tokenizer ({e})") from None
+
+
 def _weight_map(model_dir: Path) -> dict[str, Path]:
     """{tensor key: file} from the index or the single file."""
     index = model_dir / SAFE_INDEX

@@ -91,6 +91,16 @@ CASES = {
             "original_max_position_embeddings": 16,
         }
     ),
+    "rope_llama3": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "rope_theta": 10000.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        }
+    ),
     "sliding_window": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
 }
 
@@ -200,6 +210,20 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_load_tokenizer_from_model_dir(tmp_path):
+    from jaxalign.data.tokenizer import byte_tokenizer
+    from jaxalign.models import CheckpointError, load_tokenizer
+
+    path, _ = make_hf(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer"):
+        load_tokenizer(path)
+    tok = byte_tokenizer()
+    model = from_pretrained(path)
+    out = save_pretrained(model, tmp_path / "export", tokenizer=tok)
+    loaded = load_tokenizer(out)
+    assert loaded("<answer> 42")["input_ids"] == tok("<answer> 42")["input_ids"]
 
 
 def test_tokenizer_files_travel_with_export(tmp_path):
