@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,13 +369,33 @@ class Attention(nnx.Module):
             (n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, cfg=cfg, rngs=rngs
         )
 
-    def __call__(self, x, cos, sin, mask):
-        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] bool -> [B, T, D]."""
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] bool -> ([B, T, D], kv).
+
+        Without ``kv`` the keys are this call's own tokens (S == T). With ``kv`` (a pair of
+        [B, K, S, H] cache arrays) this call's keys and values are written at slots
+        ``[index, index + T)`` and the queries attend over the whole cache.
+        """
         q = rope.apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
-        k = rope.apply_rope(self.k_proj(x), cos, sin)  # [B, S, K, H]
-        v = self.v_proj(x)  # [B, S, K, H]
-        out = attend(q, k, v, mask, impl=self.cfg.attention_impl)  # [B, T, N, H]
-        return self.o_proj(out)
+        k = rope.apply_rope(self.k_proj(x), cos, sin)  # [B, T, K, H]
+        v = self.v_proj(x)  # [B, T, K, H]
+        if kv is not None:
+            # The cache is [B, K, S, H], the layout the score and value matmuls batch over,
+            # so decoding never transposes (copies) the whole cache; only the new T slots.
+            k_cache, v_cache = kv
+            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, K, T, H]
+            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, index, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
+            kv = (k_cache, v_cache)
+            if self.cfg.attention_impl == "xla":
+                out = attend_kv_major(q, k_cache, v_cache, mask)
+            else:
+                k, v = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+                out = attend(q, k, v, mask, impl=self.cfg.attention_impl)
+        else:
+            out = attend(q, k, v, mask, impl=self.cfg.attention_impl)  # [B, T, N, H]
+        return self.o_proj(out), kv
 
 
 def attend(q, k, v, mask, *, impl: str = "xla"):
@@ -391,17 +412,39 @@ def attend(q, k, v, mask, *, impl: str = "xla"):
     Returns:
         [B, T, N, H] in the dtype of ``q``.
     """
-    b, t, n, h = q.shape
-    kv = k.shape[2]
     if impl != "xla":
         implementation = "cudnn" if impl == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+
+
+def attend_kv_major(q, k, v, mask):
+    """The plain XLA attention on keys/values laid out [B, K, S, H] (the KV-cache layout).
+
+    Args:
+        q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, 1, T, S] bool.
+
+    Returns:
+        [B, T, N, H] in the dtype of ``q``.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h) * jnp.asarray(h**-0.5, q.dtype)  # [B, T, K, G, H]
+    if t == 1:
+        # One query (decoding): a broadcast multiply-and-reduce reads the cache once and
+        # fuses into a single loop; as a batched matmul with [G, H] x [H, S] blocks, XLA's
+        # CPU backend ran it ~4x slower (benchmarks/rollout.py).
+        q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
+        scores = jnp.sum(q1[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+        scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
+        out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
+        return out.astype(v.dtype).reshape(b, 1, n, h)
     # Scores accumulate in fp32 whatever the compute dtype.
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -427,9 +470,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):  # [B, T, D]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):  # [B, T, D]
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class Qwen2Model(nnx.Module):
@@ -445,8 +489,13 @@ class Qwen2Model(nnx.Module):
         )
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, not a parameter
 
-    def __call__(self, input_ids, attention_mask=None, positions=None):
-        """input_ids [B, T] -> hidden states [B, T, D] (after the final norm)."""
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        """input_ids [B, T] -> hidden states [B, T, D] (after the final norm).
+
+        With a ``KVCache`` returns ``(hidden, new_cache)``: the tokens are appended at the
+        cache's next slot, attend to everything valid before them, and positions continue
+        from each row's ``next_pos``.
+        """
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
@@ -455,6 +504,8 @@ class Qwen2Model(nnx.Module):
         attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
         if positions is None:
             positions = positions_from_mask(attention_mask)
+            if cache is not None:
+                positions = positions + cache.next_pos[:, None] * attention_mask
         positions = jnp.asarray(positions)
 
         if rope.rope_type_of(cfg.rope_scaling) == "dynamic":
@@ -469,27 +520,48 @@ class Qwen2Model(nnx.Module):
             inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         cos, sin = rope.rope_cos_sin(positions, inv_freq, self.attention_scaling)
 
-        full_mask = causal_padding_mask(attention_mask)
+        window = cfg.sliding_window if cfg.use_sliding_window and cfg.sliding_window else None
+        if cache is None:
+            key_mask, index = attention_mask, 0
+        else:
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+        full_mask = causal_padding_mask(key_mask, query_offset=index, num_queries=t)
         window_mask = (
-            causal_padding_mask(attention_mask, sliding_window=cfg.sliding_window)
-            if cfg.use_sliding_window and cfg.sliding_window
+            causal_padding_mask(key_mask, window, query_offset=index, num_queries=t)
+            if window
             else None
         )
 
         x = self.embed_tokens(input_ids)  # [B, T, D]
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_sliding_window(i) else full_mask
-            x = _run_layer(layer, x, cos, sin, mask, cfg.remat)
-        return self.norm(x)
+            if cache is None:
+                x = _run_layer(layer, x, cos, sin, mask, cfg.remat)
+            else:
+                x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+                new_k.append(k)
+                new_v.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x
+        return x, KVCache(
+            k=tuple(new_k),
+            v=tuple(new_v),
+            mask=key_mask,
+            index=cache.index + t,
+            next_pos=cache.next_pos + attention_mask.sum(-1, dtype=jnp.int32),
+        )
 
 
 def _run_layer(layer, x, cos, sin, mask, remat: str):
     if remat == "none":
-        return layer(x, cos, sin, mask)
+        return layer(x, cos, sin, mask)[0]
     policy = (
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if remat == "save_dots" else None
     )
-    return nnx.remat(lambda lyr, *a: lyr(*a), policy=policy)(layer, x, cos, sin, mask)
+    return nnx.remat(lambda lyr, *a: lyr(*a)[0], policy=policy)(layer, x, cos, sin, mask)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -518,12 +590,20 @@ class Qwen2ForCausalLM(nnx.Module):
         else:
             self.lm_head = None
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None):
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None):
+        """-> logits [B, T, V]; with ``cache`` -> ``(logits, new_cache)``."""
+        if cache is not None:
+            hidden, cache = self.model(input_ids, attention_mask, positions, cache)
+            return self.logits(hidden), cache
         return self.logits(self.hidden_states(input_ids, attention_mask, positions=positions))
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None):
         """Final-norm hidden states [B, T, D] (for chunked losses that skip full logits)."""
         return self.model(input_ids, attention_mask, positions)
+
+    def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch`` rows and ``size`` slots (prompt + new tokens)."""
+        return KVCache.init(self.config, batch, size, dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] in the compute dtype."""
@@ -550,21 +630,66 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
 
 
-def causal_padding_mask(attention_mask: jax.Array, sliding_window: int | None = None) -> jax.Array:
-    """[B, S] key mask -> [B, 1, T, S] bool with T == S.
+def causal_padding_mask(
+    key_mask: jax.Array,
+    sliding_window: int | None = None,
+    *,
+    query_offset: int | jax.Array = 0,
+    num_queries: int | None = None,
+) -> jax.Array:
+    """[B, S] valid-key mask -> [B, 1, T, S] bool attention mask.
 
-    A query attends to earlier-or-equal real keys (within ``sliding_window`` when given, as
-    ``q - k < window``). A padding query attends to itself only, which keeps every softmax
-    row finite; its output is ignored.
+    Query t sits at slot ``query_offset + t`` (0 without a cache, so T == S). It attends to
+    valid keys at slots <= its own (and within ``sliding_window`` when given, as
+    ``q - k < window``). Every query also sees its own slot, which keeps the softmax of a
+    padding query finite; its output is ignored.
     """
-    s = attention_mask.shape[-1]
-    idx = jnp.arange(s)
-    causal = idx[:, None] >= idx[None, :]  # [T, S]
+    s = key_mask.shape[-1]
+    t = s if num_queries is None else num_queries
+    q_slot = query_offset + jnp.arange(t)[:, None]  # [T, 1]
+    k_slot = jnp.arange(s)[None, :]  # [1, S]
+    allowed = k_slot <= q_slot
     if sliding_window is not None:
-        causal &= (idx[:, None] - idx[None, :]) < sliding_window
-    mask = causal[None] & attention_mask[:, None, :].astype(jnp.bool_)  # [B, T, S]
-    mask |= jnp.eye(s, dtype=jnp.bool_)[None]
+        allowed &= (q_slot - k_slot) < sliding_window
+    mask = allowed[None] & key_mask[:, None, :].astype(jnp.bool_)  # [B, T, S]
+    mask |= (k_slot == q_slot)[None]
     return mask[:, None]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values for incremental decoding.
+
+    Rows are left-padded so that every row writes its next token at the same slot
+    ``index``; ``mask`` says which slots hold real tokens and ``next_pos`` is each row's
+    next position id (its count of real tokens so far).
+
+    Attributes:
+        k, v: tuples over layers of [B, K, S, H] arrays in the compute dtype (heads before
+            slots: the layout the attention matmuls batch over).
+        mask: [B, S] bool, valid key slots.
+        index: int32 scalar, the next slot to write.
+        next_pos: [B] int32.
+    """
+
+    k: tuple
+    v: tuple
+    mask: jax.Array
+    index: jax.Array
+    next_pos: jax.Array
+
+    @classmethod
+    def init(cls, cfg: Qwen2Config, batch: int, size: int, dtype=None) -> KVCache:
+        dtype = cfg.dtype if dtype is None else dtype
+        shape = (batch, cfg.num_key_value_heads, size, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        return cls(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+            mask=jnp.zeros((batch, size), jnp.bool_),
+            index=jnp.zeros((), jnp.int32),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+        )
 
 
 def init_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2ForCausalLM:

@@ -1,0 +1,220 @@
+"""The JAX sampler: exactness against transformers and teacher forcing, stopping, determinism."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.data.tokenizer import byte_tokenizer
+from jaxalign.models import from_pretrained, init_model, tiny
+from jaxalign.rollout import JaxEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A tiny random transformers Qwen2 and the same weights loaded into jaxalign (fp32)."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=262,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    ref = transformers.Qwen2ForCausalLM(cfg).eval()
+    # Sharper logits than the default init, so greedy argmaxes are not near-ties.
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(20.0)
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    ref.save_pretrained(path)
+    return ref, from_pretrained(path, dtype=jnp.float32)
+
+
+def _prompts(rng, lengths, vocab=262):
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_matches_transformers_generate(hf_pair):
+    ref, model = hf_pair
+    prompts = _prompts(np.random.default_rng(0), [5, 11, 1, 8])
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
+    out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        gen = ref.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    for i, completions in enumerate(out):
+        assert len(completions) == 1
+        c = completions[0]
+        assert c.token_ids == gen[i, width:].tolist()
+        assert c.finish_reason == "length" and len(c.token_ids) == 12
+
+
+def test_sampled_logprobs_equal_teacher_forcing(hf_pair):
+    _, model = hf_pair
+    prompts = _prompts(np.random.default_rng(1), [4, 9])
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, n=3, seed=7))
+    for prompt, completions in zip(prompts, out, strict=True):
+        assert len(completions) == 3
+        for c in completions:
+            seq = np.asarray([prompt + c.token_ids])
+            logp = jax.nn.log_softmax(np.asarray(model(seq), np.float32)[0], axis=-1)
+            want = [float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(c.token_ids)]
+            np.testing.assert_allclose(c.logprobs, want, atol=2e-5)
+    # n samples of one prompt are not all the same sequence.
+    assert len({tuple(c.token_ids) for c in out[0]}) > 1
+
+
+def test_deterministic_given_seed(hf_pair):
+    _, model = hf_pair
+    prompts = _prompts(np.random.default_rng(2), [6, 3])
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
+
+    def run(seed):
+        params = SamplingParams(temperature=1.0, max_tokens=8, n=2, seed=seed)
+        return [[c.token_ids for c in cs] for cs in engine.generate(prompts, params)]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_micro_batching_does_not_change_greedy_output(hf_pair):
+    _, model = hf_pair
+    prompts = _prompts(np.random.default_rng(3), [2, 7, 4, 13, 5])
+    params = SamplingParams(temperature=0, max_tokens=6, n=2)
+    big = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=16)
+    small = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=3)
+    a = [[c.token_ids for c in cs] for cs in big.generate(prompts, params)]
+    b = [[c.token_ids for c in cs] for cs in small.generate(prompts, params)]
+    assert a == b
+    assert small.num_compiles <= 2  # 3-row batches and the 1-row remainder, one prompt bucket
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(hf_pair):
+    _, model = hf_pair
+    prompts = _prompts(np.random.default_rng(4), [5, 9])
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    for params in [
+        SamplingParams(temperature=1.0, top_k=1, max_tokens=6, seed=1),
+        SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=6, seed=1),
+    ]:
+        out = engine.generate(prompts, params)
+        assert [c[0].token_ids for c in out] == [c[0].token_ids for c in greedy]
+
+
+def test_eos_and_min_tokens(hf_pair):
+    _, model = hf_pair
+    prompt = _prompts(np.random.default_rng(5), [6])
+    probe = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
+    first = probe.generate(prompt, SamplingParams(temperature=0, max_tokens=4))[0][0]
+    eos = first.token_ids[0]
+    engine = JaxEngine(model, eos_token_ids=(eos,), pad_token_id=0)
+    c = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4))[0][0]
+    assert c.token_ids == [eos] and c.finish_reason == "stop" and c.stop_reason == eos
+    c = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4, min_tokens=3))[0][0]
+    assert len(c.token_ids) >= 3 and eos not in c.token_ids[:3]
+
+
+def test_stop_strings_end_on_text_and_keep_token_prefix():
+    tok = byte_tokenizer()
+    model = init_model(tiny(vocab_size=len(tok)), seed=11)
+    engine = JaxEngine(model, tok, decode_chunk=4)
+    prompt = "Question: 2 + 2? <think>"
+    free = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0][0]
+    assert free.finish_reason == "length" and len(free.text) > 6
+    stop = free.text[5:8]  # a stop string that appears mid-way, likely across tokens
+    begin = free.text.find(stop)
+    for include in (True, False):
+        params = SamplingParams(
+            temperature=0, max_tokens=24, stop=(stop,), include_stop_str_in_output=include
+        )
+        c = engine.generate([prompt], params)[0][0]
+        assert c.finish_reason == "stop" and c.stop_reason == stop
+        assert c.text == free.text[: begin + len(stop)] if include else free.text[:begin]
+        assert c.token_ids == free.token_ids[: len(c.token_ids)]
+        # The kept tokens are the shortest prefix whose text contains the stop string.
+        assert stop in tok.decode(c.token_ids, skip_special_tokens=False)
+        assert stop not in tok.decode(c.token_ids[:-1], skip_special_tokens=False)
+        assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_string_prompts_and_update_weights():
+    tok = byte_tokenizer()
+    cfg = tiny(vocab_size=len(tok))
+    engine = JaxEngine(init_model(cfg, seed=0), tok)
+    params = SamplingParams(temperature=0, max_tokens=5)
+    before = engine.generate(["abc"], params)[0][0]
+    assert before.prompt_token_ids == tok("abc")["input_ids"]
+    assert before.weights_version == 0
+    assert engine.update_weights(init_model(cfg, seed=1)) == 1
+    after = engine.generate(["abc"], params)[0][0]
+    assert after.weights_version == 1 and after.logprobs != before.logprobs
+    with pytest.raises(ValueError, match="do not match"):
+        engine.update_weights(init_model(tiny(vocab_size=len(tok), num_hidden_layers=3)))
+
+
+def test_sharded_engine_matches_single_device(hf_pair):
+    _, model = hf_pair
+    prompts = _prompts(np.random.default_rng(6), [4, 10, 7, 2, 5, 8, 3, 9])
+    params = SamplingParams(temperature=0, max_tokens=6)
+    single = JaxEngine(model, eos_token_ids=(), pad_token_id=0).generate(prompts, params)
+    mesh = sharding.make_mesh(data=4, fsdp=1, tensor=2)
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0, mesh=mesh)
+    q = engine.state["model"]["layers"][0]["self_attn"]["q_proj"]["weight"][...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
+    sharded = engine.generate(prompts, params)
+    assert [c[0].token_ids for c in sharded] == [c[0].token_ids for c in single]
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    engine = JaxEngine(init_model(tiny(), seed=0))
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        engine.generate(["text"], SamplingParams())
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([[]], SamplingParams())
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = init_model(tiny(tie_word_embeddings=False), seed=2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1024, (3, 9))
+    mask = np.ones_like(ids, bool)
+    mask[0, :4] = False
+    mask[2, :1] = False
+    full = np.asarray(model(ids, mask))
+    cache = model.init_cache(3, 12)
+    logits, cache = model(ids[:, :6], mask[:, :6], cache=cache)
+    steps = [np.asarray(logits)]
+    for t in range(6, 9):
+        logits, cache = model(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)
+        steps.append(np.asarray(logits))
+    incremental = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(incremental[mask], full[mask], atol=1e-5)
+    assert int(cache.index) == 9
+    np.testing.assert_array_equal(np.asarray(cache.next_pos), mask.sum(-1))
+    graphdef, state = nnx.split(model)
+    assert graphdef is not None and state is not None
