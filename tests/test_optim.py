@@ -67,7 +67,7 @@ def test_clipping_bounds_the_update_direction():
     np.testing.assert_allclose(updates["w"], [-1.0, 1.0], atol=1e-6)
     clip = optax.clip_by_global_norm(1.0)
     clipped, _ = clip.update(grads, clip.init(params))
-    np.testing.assert_allclose(optax.global_norm(clipped), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(optax.tree.norm(clipped), 1.0, rtol=1e-6)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
