@@ -263,6 +263,23 @@ def qwen2p5_0p5b(**runtime: Any) -> Qwen2Config:
     )
 
 
+def small(**overrides: Any) -> Qwen2Config:
+    """A few-million-parameter config: the CPU demo's policy (with the byte tokenizer)."""
+    base = dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        dtype=jnp.float32,
+    )
+    base.update(overrides)
+    return Qwen2Config(**base)
+
+
 def tiny(**overrides: Any) -> Qwen2Config:
     """A few-hundred-thousand-parameter config for tests and the CPU demo."""
     base = dict(
