@@ -1,0 +1,130 @@
+"""Budget forcing (s1, "simple test-time scaling") on top of any rollout engine.
+
+Thinking is capped at ``max_thinking_tokens`` by forcing the end-of-thinking delimiter,
+and can be extended by suppressing the delimiter and appending "Wait" up to ``num_waits``
+times. It is a loop over ``engine.generate`` calls with prompt continuation, so it works
+with every backend. Continuations are built from token ids (the sampled ids are fed back
+unchanged; only the forced strings are tokenized), and sampled ids outside the tokenizer's
+vocabulary are dropped when re-fed: Qwen's embedding has more rows than its tokenizer.
+
+Delimiters default to the r1_zero format (thinking ends with ``</think>``; a forced end
+appends `` </think> <answer>``); for Qwen chat templates pass e.g. ``end_think="</think>"``
+and ``force_end="\\n</think>\\n\\n"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from jaxalign.rollout.types import Completion, Prompt, RolloutEngine, SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetForcing:
+    """Settings.
+
+    Attributes:
+        max_thinking_tokens: thinking tokens at most (sampled tokens before the forced end).
+        num_waits: how many times a natural end of thinking is replaced by ``wait``.
+        end_think: the string that ends thinking.
+        force_end: appended to force the end of thinking (then the answer is sampled).
+        wait: appended instead of ``end_think`` to extend thinking.
+    """
+
+    max_thinking_tokens: int
+    num_waits: int = 0
+    end_think: str = "</think>"
+    force_end: str = " </think> <answer>"
+    wait: str = " Wait"
+
+    def __post_init__(self):
+        if self.max_thinking_tokens < 0 or self.num_waits < 0:
+            raise ValueError("max_thinking_tokens and num_waits must be >= 0")
+
+
+def generate_with_budget(
+    engine: RolloutEngine,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    budget: BudgetForcing,
+) -> list[list[Completion]]:
+    """Like ``engine.generate``, with thinking capped (and optionally extended).
+
+    ``params.max_tokens`` bounds the answer phase; ``params.stop`` applies to it (e.g.
+    ``</answer>``). Returned completions hold every token after the prompt (sampled
+    thinking, forced strings, sampled answer); ``logprobs`` is None because forced tokens
+    were not sampled.
+    """
+    vocab = len(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    base = [encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    # Expand n samples into separate rows with distinct seeds: each row's loop differs.
+    rows = [(i, j) for i in range(len(base)) for j in range(params.n)]
+    context = {r: list(base[r[0]]) for r in rows}  # prompt + everything so far
+    thinking_used = dict.fromkeys(rows, 0)
+    waits_left = dict.fromkeys(rows, budget.num_waits)
+    active = list(rows)
+    round_index = 0
+    while active:
+        budget_left = {r: budget.max_thinking_tokens - thinking_used[r] for r in active}
+        stepping = [r for r in active if budget_left[r] > 0]
+        for r in [r for r in active if budget_left[r] <= 0]:
+            context[r] += encode(budget.force_end)
+        active = stepping
+        if not active:
+            break
+        # One generate call per distinct remaining budget keeps max_tokens exact.
+        next_active = []
+        for left in sorted({budget_left[r] for r in active}):
+            group = [r for r in active if budget_left[r] == left]
+            think = SamplingParams(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                max_tokens=left,
+                stop=(budget.end_think,),
+                include_stop_str_in_output=False,
+                seed=params.seed + 7919 * round_index,
+                logprobs=False,
+            )
+            outs = engine.generate([context[r] for r in group], think)
+            for r, (c,) in zip(group, outs, strict=True):
+                ids = [t for t in c.token_ids if t < vocab]
+                if c.stop_reason == budget.end_think:
+                    ids = encode(c.text)  # the stop string's token may be cut: re-encode text
+                context[r] += ids
+                thinking_used[r] += len(c.token_ids)
+                if c.finish_reason == "stop" and waits_left[r] > 0:
+                    waits_left[r] -= 1
+                    context[r] += encode(budget.wait)
+                    next_active.append(r)
+                else:
+                    context[r] += encode(budget.force_end)
+        active = next_active
+        round_index += 1
+
+    answer_params = dataclasses.replace(params, n=1, logprobs=False)
+    outs = engine.generate([context[r] for r in rows], answer_params)
+    results: list[list[Completion]] = [[] for _ in base]
+    for r, (c,) in zip(rows, outs, strict=True):
+        i = r[0]
+        tokens = context[r][len(base[i]) :] + list(c.token_ids)
+        text = tokenizer.decode(context[r][len(base[i]) :], skip_special_tokens=False) + c.text
+        results[i].append(
+            Completion(
+                text=text,
+                token_ids=tokens,
+                logprobs=None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                prompt_token_ids=list(base[i]),
+                weights_version=c.weights_version,
+            )
+        )
+    return results
