@@ -1,0 +1,98 @@
+"""Time to push new weights through the rollout sidecar: export + checksum + reload.
+
+    python benchmarks/sidecar_reload.py                          # ~100M params, fp32 export
+    python benchmarks/sidecar_reload.py --export-dtype bfloat16  # half the bytes (vLLM's)
+
+Starts ``python -m jaxalign.rollout.server --backend jax`` on a random ~100M-parameter
+Qwen2 (hidden 768, 12 layers, 12 / 4 heads, MLP 2048, vocab 32768, tied embeddings), then
+``--iters`` times builds a fresh random model (not timed) and calls
+``SidecarEngine.update_weights(model)``, which
+
+* export: writes it with ``save_pretrained`` to a versioned directory under ``/dev/shm``;
+* checksum: sha256 of the safetensors files (``checkpoint_checksum``), trainer side;
+* reload: the ``/update_weights`` round trip: the sidecar re-hashes and verifies the
+  files, loads them (``from_pretrained``) and swaps the new parameters in.
+
+Prints each iteration and the medians, in seconds. The first iteration includes one-time
+costs (imports, first device transfers) and is left out of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jaxalign.data.tokenizer import byte_tokenizer
+from jaxalign.models import init_model, save_pretrained
+from jaxalign.models.qwen2 import Qwen2Config
+from jaxalign.rollout.client import SidecarEngine
+from jaxalign.rollout.server import LISTENING
+
+CONFIG = dict(
+    vocab_size=32768,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
+    args = ap.parse_args()
+
+    cfg = Qwen2Config(**CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "start"
+        save_pretrained(init_model(cfg, seed=0), model_dir, tokenizer=byte_tokenizer())
+        cmd = [sys.executable, "-m", "jaxalign.rollout.server", "--backend", "jax"]
+        cmd += ["--model", str(model_dir), "--port", "0"]
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        try:
+            line = server.stdout.readline()
+            if not line.startswith(LISTENING):
+                raise SystemExit(f"the sidecar did not start: {line!r}")
+            url = line[len(LISTENING) :].strip()
+            client = SidecarEngine(url, export_dtype=args.export_dtype)
+            print(
+                f"model: {cfg.num_params() / 1e6:.1f}M parameters, export dtype "
+                f"{args.export_dtype}, sidecar {url} (jax backend)"
+            )
+            print(f"{'iter':>4} {'export_s':>9} {'checksum_s':>10} {'reload_s':>9} {'total_s':>8}")
+            rows = []
+            for i in range(args.iters):
+                model = init_model(cfg, seed=i + 1)
+                t = time.perf_counter()
+                version = client.update_weights(model)
+                wall = time.perf_counter() - t
+                s = client.last_sync
+                assert client.health()[url]["weights_version"] == version
+                rows.append((s.export_s, s.checksum_s, s.reload_s, wall))
+                cols = f"{s.export_s:>9.2f} {s.checksum_s:>10.2f} {s.reload_s:>9.2f}"
+                print(f"{i:>4} {cols} {wall:>8.2f}")
+                del model
+            size = sum(f.stat().st_size for f in Path(client.last_sync.path).glob("*.safetensors"))
+            med = [statistics.median(col) for col in zip(*(rows[1:] or rows), strict=True)]
+            print(f"export dir: {Path(client.last_sync.path).parent} ({size / 2**20:.0f} MiB)")
+            print(
+                f"median over iterations 1-{len(rows) - 1}: export {med[0]:.2f} s, checksum "
+                f"{med[1]:.2f} s, reload {med[2]:.2f} s, total {med[3]:.2f} s"
+            )
+            client.close()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,707 @@
+"""The rollout sidecar: a generation engine in its own process, behind a small HTTP API.
+
+    python -m jaxalign.rollout.server --backend vllm --model DIR [--host 127.0.0.1] [--port 0]
+        [--token SECRET] [--max-request-bytes 67108864] [--max-batch 1024]
+
+On startup it loads the model, then prints one line a launcher can parse,
+``jaxalign-sidecar listening on http://HOST:PORT`` (``--port 0`` picks a free port), and
+serves JSON over HTTP (``ThreadingHTTPServer``; every endpoint needs ``Authorization:
+Bearer SECRET`` when a token is set, by ``--token`` or the ``JAXALIGN_SIDECAR_TOKEN``
+environment variable, which keeps it out of ``ps``):
+
+``GET /health``
+    ``{"backend", "model", "weights_version", "weights_ok", "busy", "weights_dtype",
+    "max_batch", "max_request_bytes", "max_seq_len", "served"}``.
+``POST /generate``
+    ``{"prompts": [str | [int]], "sampling": {SamplingParams fields},
+    "expected_weights_version": int | null}`` ->
+    ``{"weights_version": int, "completions": [[{Completion fields}] per prompt]}``.
+    409 when ``expected_weights_version`` differs from the loaded weights: a trainer never
+    mixes rollouts of two policies silently.
+``POST /update_weights``
+    ``{"path": dir, "version": int, "checksum": "sha256:...", "deadline_s": float}`` ->
+    ``{"weights_version": int, "seconds": float}``. The directory is a Hugging Face
+    checkpoint written by ``save_pretrained``; the server verifies ``checksum`` (see
+    ``checkpoint_checksum``) before loading, refusing a mismatch (400), and gives up after
+    ``deadline_s`` (504). The JAX backend swaps the new state in atomically, so a failed or
+    late reload keeps the old weights; vLLM loads in place, so after a failure the weights
+    are unknown and ``/generate`` answers 503 until a reload succeeds.
+
+Errors are ``{"error": message}``: 400 malformed (bad JSON, unknown or mistyped fields,
+``SamplingParams`` validation), 401 missing or wrong token, 411 no Content-Length, 413 too
+large (a body over ``--max-request-bytes`` is refused from its Content-Length, before it is
+read; more rows than ``--max-batch``; a prompt plus ``max_tokens`` over ``--max-seq-len``),
+404 / 405 unknown endpoint or method, 500 engine failure, 503 weights unknown, 504 reload
+deadline passed. The engine runs one request at a time (a lock); others wait and
+``/health`` reports ``busy``.
+
+Wire-format helpers (``params_to_json``, ``completion_from_json``, ``checkpoint_checksum``)
+live here and are shared with ``jaxalign.rollout.client``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxalign.rollout.types import Completion, SamplingParams
+
+LISTENING = "jaxalign-sidecar listening on "
+TOKEN_ENV = "JAXALIGN_SIDECAR_TOKEN"
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_UPDATE_DEADLINE_S = 600.0
+# Bytes of a refused body read and thrown away before closing: closing a socket with unread
+# data makes the kernel send RST, which can destroy the error response before the client
+# reads it. Bounded, so a huge Content-Length never costs more than this.
+_DISCARD_LIMIT = 8 * 2**20
+
+
+class RequestError(Exception):
+    """An HTTP error answer: status, message, and extra JSON fields."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+# --- wire format ------------------------------------------------------------------------
+
+# How each SamplingParams field is checked on the wire, keyed by its annotation (types.py
+# uses postponed annotations, so these are strings). A new field with a new type fails the
+# import below instead of slipping through unchecked.
+_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "tuple[str, ...]": (
+        "a string or a list of strings",
+        lambda v: (
+            isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+        ),
+    ),
+    "tuple[int, ...]": (
+        "a list of integers",
+        lambda v: (
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        ),
+    ),
+}
+_PARAM_CHECKS = {f.name: _CHECKS[f.type] for f in dataclasses.fields(SamplingParams)}
+
+
+def params_to_json(params: SamplingParams) -> dict:
+    """``SamplingParams`` as a JSON object (tuples become lists)."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
+    }
+
+
+def params_from_json(obj: Any) -> SamplingParams:
+    """Parses and validates the ``sampling`` object of a request.
+
+    Raises:
+        RequestError: 400 for a non-object, an unknown field, a mistyped value, or a value
+            ``SamplingParams`` rejects (its message is passed on).
+    """
+    if obj is None:
+        return SamplingParams()
+    if not isinstance(obj, dict):
+        raise RequestError(400, "'sampling' must be a JSON object of SamplingParams fields")
+    unknown = sorted(set(obj) - set(_PARAM_CHECKS))
+    if unknown:
+        raise RequestError(
+            400, f"unknown sampling field(s) {unknown}; known: {sorted(_PARAM_CHECKS)}"
+        )
+    for name, value in obj.items():
+        what, ok = _PARAM_CHECKS[name]
+        if not ok(value):
+            raise RequestError(400, f"sampling.{name} must be {what}, got {value!r}")
+    try:
+        return SamplingParams(**obj)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+
+
+def completion_to_json(c: Completion) -> dict:
+    return dataclasses.asdict(c)
+
+
+def completion_from_json(obj: dict) -> Completion:
+    """The inverse of ``completion_to_json``."""
+    return Completion(**obj)
+
+
+def checkpoint_checksum(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` over the weight files of a checkpoint directory.
+
+    Covers every ``*.safetensors`` file and ``model.safetensors.index.json``: the sha256 of
+    each file's bytes, combined in name order with its name and size. Full content hashes,
+    not (name, size) plus samples, because the failure this guards against is a torn or
+    stale copy (a crash mid-write, a reused directory, an incomplete rsync to another host),
+    which can keep every size and header intact. sha256 runs at ~1.7 GB/s per core here
+    (files are hashed in parallel threads; hashlib releases the GIL): ~0.3 s for a 100M
+    fp32 export, ~2 s for a 1.5B bf16 one (3 GB), next to a reload that reads the same
+    bytes anyway (and then finds them in the page cache).
+
+    Raises:
+        FileNotFoundError: when the directory has no safetensors files.
+    """
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no *.safetensors files")
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files.append(index)
+
+    def digest(file: Path) -> str:
+        with open(file, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(min(8, len(files))) as pool:
+        digests = list(pool.map(digest, files))
+    total = hashlib.sha256()
+    for file, d in zip(files, digests, strict=True):
+        total.update(f"{file.name}\t{file.stat().st_size}\t{d}\n".encode())
+    return "sha256:" + total.hexdigest()
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+class JaxBackend:
+    """``JaxEngine`` with a model loaded by ``from_pretrained`` and its own tokenizer.
+
+    Reloading builds the new parameter state beside the old one and swaps it in only if it
+    finished before the deadline, so a failed or late reload leaves the old weights intact.
+    """
+
+    name = "jax"
+    atomic_reload = True
+
+    def __init__(self, model_dir: str, *, dtype: str, param_dtype: str, engine_batch: int):
+        import jax.numpy as jnp
+
+        from jaxalign.models.hf_io import from_pretrained, load_tokenizer
+        from jaxalign.rollout.jax_engine import JaxEngine
+
+        self._dtype, self._param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+        model = from_pretrained(model_dir, dtype=self._dtype, param_dtype=self._param_dtype)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.engine = JaxEngine(model, self.tokenizer, max_batch_size=engine_batch)
+        self.weights_dtype = str(self._param_dtype)
+
+    @property
+    def weights_version(self) -> int:
+        return self.engine.weights_version
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self.engine.generate(prompts, params)
+
+    def reload(self, path: str, version: int, timeout: float) -> None:
+        from flax import nnx
+
+        from jaxalign.models.hf_io import from_pretrained
+
+        swap = threading.Lock()
+        outcome: dict[str, Any] = {}  # "done" | "cancelled" | "error"
+
+        def load():
+            try:
+                model = from_pretrained(path, dtype=self._dtype, param_dtype=self._param_dtype)
+                state = nnx.state(model, nnx.Param)
+                _check_same_shapes(self.engine.state, state, path)
+                with swap:
+                    if "cancelled" not in outcome:
+                        self.engine.update_weights(state, version)
+                        outcome["done"] = True
+            except BaseException as e:  # handed to the waiting request thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=load, name="sidecar-reload", daemon=True)
+        worker.start()
+        worker.join(timeout)
+        with swap:
+            if "error" in outcome:
+                raise outcome["error"]
+            if "done" not in outcome:
+                outcome["cancelled"] = True  # the loader finishes in the background, unused
+                raise TimeoutError(f"reload did not finish within {timeout:.1f} s")
+
+    def close(self) -> None:
+        pass
+
+
+def _check_same_shapes(old, new, path: str) -> None:
+    """Raises ValueError unless ``new`` has the parameters, shapes and dtypes of ``old``.
+
+    ``from_pretrained`` builds whatever model the directory's config.json describes, and
+    ``JaxEngine.update_weights`` compares tree structure only, so a checkpoint of another
+    size would otherwise be installed and fail (or mislead) at the next generate.
+    """
+    import jax
+
+    def spec(state):
+        flat = jax.tree_util.tree_flatten_with_path(state)[0]
+        return {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype)) for k, v in flat}
+
+    want, got = spec(old), spec(new)
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            raise ValueError(
+                f"{path}: parameter {key} is {got.get(key)} (shape, dtype) but the served "
+                f"model has {want.get(key)}; a sidecar reloads weights of its own architecture"
+            )
+
+
+class VllmBackend:
+    """``VllmEngine`` (``jaxalign.rollout.vllm_engine``); reloads in place on the GPU."""
+
+    name = "vllm"
+    atomic_reload = False
+
+    def __init__(self, model_dir: str, **options: Any):
+        from jaxalign.rollout.vllm_engine import VllmEngine, VllmOptions
+
+        self.engine = VllmEngine(model_dir, VllmOptions(**options))
+        self.tokenizer = self.engine.tokenizer
+        self.weights_dtype = self.engine.options.dtype
+
+    @property
+    def weights_version(self) -> int:
+        return self.engine.weights_version
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self.engine.generate(prompts, params)
+
+    def reload(self, path: str, version: int, timeout: float) -> None:
+        self.engine.update_weights(path, version, timeout=timeout)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+# --- the service (everything but HTTP) ----------------------------------------------------
+
+
+class Sidecar:
+    """Request validation, limits, the engine lock and weight versions; no HTTP here.
+
+    Args:
+        backend: a ``JaxBackend`` or ``VllmBackend`` (or anything with their attributes).
+        model: the model directory, reported by ``/health``.
+        max_batch: rows (prompts x n) per request at most.
+        max_request_bytes: request body size at most.
+        max_seq_len: prompt tokens plus ``max_tokens`` at most, per prompt.
+        vocab_size: token ids must be below it.
+        max_update_deadline_s: cap on the deadline of ``/update_weights``.
+    """
+
+    def __init__(
+        self,
+        backend,
+        *,
+        model: str,
+        max_batch: int,
+        max_request_bytes: int,
+        max_seq_len: int,
+        vocab_size: int,
+        max_update_deadline_s: float = DEFAULT_UPDATE_DEADLINE_S,
+    ):
+        self.backend = backend
+        self.model = model
+        self.max_batch = max_batch
+        self.max_request_bytes = max_request_bytes
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.max_update_deadline_s = max_update_deadline_s
+        self.lock = threading.Lock()  # one engine call at a time
+        self.weights_ok = True
+        self.served = {"generate": 0, "update_weights": 0}
+
+    def health(self) -> dict:
+        return {
+            "status": "ok",
+            "backend": self.backend.name,
+            "model": self.model,
+            "weights_version": self.backend.weights_version,
+            "weights_ok": self.weights_ok,
+            "weights_dtype": self.backend.weights_dtype,
+            "busy": self.lock.locked(),
+            "max_batch": self.max_batch,
+            "max_request_bytes": self.max_request_bytes,
+            "max_seq_len": self.max_seq_len,
+            "served": dict(self.served),
+            "pid": os.getpid(),
+        }
+
+    def _prompt_ids(self, prompt: Any, i: int) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.backend.encode(prompt)
+        elif isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = prompt
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(
+                    400, f"prompts[{i}]: token ids {bad[:5]} outside [0, {self.vocab_size})"
+                )
+        else:
+            raise RequestError(400, f"prompts[{i}] must be a string or a list of token ids")
+        if not ids:
+            raise RequestError(400, f"prompts[{i}] is empty")
+        return ids
+
+    def generate(self, body: Any) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - {"prompts", "sampling", "expected_weights_version"})
+        if unknown:
+            raise RequestError(400, f"unknown field(s) {unknown}")
+        prompts = body.get("prompts")
+        if not isinstance(prompts, list):
+            raise RequestError(400, "'prompts' must be a list of strings or token-id lists")
+        params = params_from_json(body.get("sampling"))
+        expected = body.get("expected_weights_version")
+        if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
+            raise RequestError(400, "'expected_weights_version' must be an integer or null")
+        rows = len(prompts) * params.n
+        if rows > self.max_batch:
+            raise RequestError(
+                413,
+                f"{len(prompts)} prompts x n={params.n} = {rows} rows, but this sidecar takes "
+                f"at most {self.max_batch} (--max-batch); split the batch",
+            )
+        # Under the lock: the engine decodes with the same tokenizer, and a Rust tokenizer
+        # used from two threads at once can fail ("Already borrowed").
+        with self.lock:
+            encoded = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+            for i, ids in enumerate(encoded):
+                if len(ids) + params.max_tokens > self.max_seq_len:
+                    raise RequestError(
+                        413,
+                        f"prompts[{i}] has {len(ids)} tokens; with max_tokens="
+                        f"{params.max_tokens} that exceeds max_seq_len={self.max_seq_len}",
+                    )
+            self._check_version(expected)
+            try:
+                completions = self.backend.generate(encoded, params) if encoded else []
+            except ValueError as e:  # the engine's own argument checks
+                raise RequestError(400, str(e)) from None
+            self.served["generate"] += 1
+        return {
+            "weights_version": self.backend.weights_version,
+            "completions": [[completion_to_json(c) for c in row] for row in completions],
+        }
+
+    def _check_version(self, expected: int | None) -> None:
+        if not self.weights_ok:
+            raise RequestError(
+                503,
+                "the weights are in an unknown state after a failed update_weights; "
+                "send update_weights again (or restart the sidecar)",
+            )
+        actual = self.backend.weights_version
+        if expected is not None and expected != actual:
+            raise RequestError(
+                409,
+                f"weights version conflict: the request expects version {expected}, "
+                f"the sidecar has version {actual}",
+                expected_weights_version=expected,
+                weights_version=actual,
+            )
+
+    def update_weights(self, body: Any) -> dict:
+        start = time.monotonic()
+        if not isinstance(body, dict):
+            raise RequestError(400, "the body must be a JSON object")
+        unknown = sorted(set(body) - {"path", "version", "checksum", "deadline_s"})
+        if unknown:
+            raise RequestError(400, f"unknown field(s) {unknown}")
+        path, version, checksum = body.get("path"), body.get("version"), body.get("checksum")
+        deadline_s = body.get("deadline_s", self.max_update_deadline_s)
+        if not isinstance(path, str) or not path:
+            raise RequestError(400, "'path' must be the checkpoint directory (a string)")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise RequestError(400, "'version' must be a non-negative integer")
+        if not isinstance(checksum, str) or not checksum.startswith("sha256:"):
+            raise RequestError(400, "'checksum' must be 'sha256:<hex>' (checkpoint_checksum)")
+        if (
+            not isinstance(deadline_s, int | float)
+            or isinstance(deadline_s, bool)
+            or deadline_s <= 0
+        ):
+            raise RequestError(400, "'deadline_s' must be a positive number of seconds")
+        deadline = start + min(float(deadline_s), self.max_update_deadline_s)
+        if not Path(path).is_dir():
+            raise RequestError(400, f"{path}: no such directory on the sidecar's host")
+        try:
+            actual = checkpoint_checksum(path)  # outside the lock: generation goes on meanwhile
+        except (FileNotFoundError, OSError) as e:
+            raise RequestError(400, str(e)) from None
+        if not hmac.compare_digest(actual, checksum):
+            raise RequestError(
+                400,
+                f"{path}: checksum mismatch (request says {checksum}, the files hash to "
+                f"{actual}); refusing to load a torn or different checkpoint",
+            )
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise RequestError(504, "deadline passed while waiting for the engine to be free")
+        try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestError(504, "deadline passed before the reload could start")
+            try:
+                self.backend.reload(path, version, remaining)
+            except TimeoutError as e:
+                self.weights_ok = self.weights_ok and self.backend.atomic_reload
+                raise RequestError(504, f"update_weights deadline exceeded: {e}") from None
+            except Exception as e:
+                self.weights_ok = self.weights_ok and self.backend.atomic_reload
+                status = 400 if isinstance(e, ValueError) else 500  # CheckpointError is one
+                raise RequestError(status, f"reload failed: {type(e).__name__}: {e}") from None
+            self.weights_ok = True
+            self.served["update_weights"] += 1
+        finally:
+            self.lock.release()
+        return {
+            "weights_version": self.backend.weights_version,
+            "seconds": time.monotonic() - start,
+        }
+
+
+# --- HTTP -----------------------------------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Routes requests to a ``Sidecar``; HTTP/1.0, one request per connection."""
+
+    sidecar: Sidecar  # set on the subclass made by ``make_server``
+    token: str | None
+    timeout = 120  # seconds a slow client may take per socket read
+    server_version = "jaxalign-sidecar"
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        routes = {
+            "/health": ("GET", lambda body: self.sidecar.health()),
+            "/generate": ("POST", self.sidecar.generate),
+            "/update_weights": ("POST", self.sidecar.update_weights),
+        }
+        path = self.path.split("?", 1)[0]
+        try:
+            if path not in routes:
+                raise RequestError(404, f"no endpoint {path}; endpoints: {sorted(routes)}")
+            if routes[path][0] != method:
+                raise RequestError(405, f"{path} takes {routes[path][0]}, not {method}")
+            self._check_auth()
+            body = self._read_json() if method == "POST" else None
+            status, payload = 200, routes[path][1](body)
+        except RequestError as e:
+            status, payload = e.status, {"error": e.message, **e.extra}
+        except Exception as e:  # an engine failure: report it, keep serving
+            traceback.print_exc(file=sys.stderr)
+            status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
+        self._send(status, payload)
+
+    def _check_auth(self) -> None:
+        if self.token is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise RequestError(401, "missing or wrong bearer token (Authorization: Bearer ...)")
+
+    def _read_json(self) -> Any:
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError(411, "chunked bodies are not accepted; send Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "Content-Length is required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(400, f"bad Content-Length {length!r}") from None
+        if n < 0:
+            raise RequestError(400, f"bad Content-Length {length!r}")
+        limit = self.sidecar.max_request_bytes
+        if n > limit:  # refused from the header: the body is never held in memory
+            raise RequestError(
+                413, f"request body of {n} bytes exceeds --max-request-bytes={limit}"
+            )
+        data = self.rfile.read(n)
+        self._body_read = True
+        if len(data) != n:
+            raise RequestError(400, f"body ended after {len(data)} of {n} bytes")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"body is not valid JSON: {e}") from None
+
+    def _send(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="jaxalign-sidecar"')
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            return  # the client went away (e.g. it timed out); its request is simply dropped
+        if self.command == "POST" and not getattr(self, "_body_read", False):
+            self._discard_body()
+
+    def _discard_body(self) -> None:
+        """Reads and drops (at most ``_DISCARD_LIMIT`` bytes, ~1 s) a body left unread."""
+        try:
+            left = min(int(self.headers.get("Content-Length") or 0), _DISCARD_LIMIT)
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stderr.write(f"[sidecar {time.strftime('%H:%M:%S')}] {format % args}\n")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+
+def make_server(sidecar: Sidecar, host: str, port: int, token: str | None) -> _Server:
+    """An HTTP server for ``sidecar`` bound to ``host:port`` (not started)."""
+    handler = type("Handler", (_Handler,), {"sidecar": sidecar, "token": token})
+    server_cls = _Server
+    if ":" in host:  # an IPv6 literal such as ::1
+        server_cls = type("Server6", (_Server,), {"address_family": socket.AF_INET6})
+    return server_cls((host, port), handler)
+
+
+def server_url(server: _Server) -> str:
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def _model_limits(model_dir: str) -> tuple[int, int]:
+    """(vocab_size, max_position_embeddings) from config.json, without importing jax."""
+    config = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+        return int(cfg["vocab_size"]), int(cfg["max_position_embeddings"])
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{config}: no vocab_size / max_position_embeddings ({e})") from None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m jaxalign.rollout.server",
+        description="Serve a rollout engine over HTTP (see the module docstring).",
+    )
+    ap.add_argument("--backend", choices=("jax", "vllm"), required=True)
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    ap.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
+    ap.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"or ${TOKEN_ENV}")
+    ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
+    ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per request")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
+    ap.add_argument("--max-update-deadline", type=float, default=DEFAULT_UPDATE_DEADLINE_S)
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype (vLLM: model dtype)")
+    ap.add_argument("--param-dtype", default="float32", help="jax: parameter dtype")
+    ap.add_argument("--engine-batch", type=int, default=64, help="jax: rows per micro-batch")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
+    ap.add_argument("--max-model-len", type=int, default=None, help="vllm")
+    ap.add_argument("--seed", type=int, default=0, help="vllm engine seed")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    vocab_size, max_positions = _model_limits(args.model)
+    if args.backend == "jax":
+        backend = JaxBackend(
+            args.model,
+            dtype=args.dtype,
+            param_dtype=args.param_dtype,
+            engine_batch=args.engine_batch,
+        )
+    else:
+        backend = VllmBackend(
+            args.model,
+            dtype=args.dtype,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+        )
+        max_positions = args.max_model_len or max_positions
+    sidecar = Sidecar(
+        backend,
+        model=args.model,
+        max_batch=args.max_batch,
+        max_request_bytes=args.max_request_bytes,
+        max_seq_len=args.max_seq_len or max_positions,
+        vocab_size=vocab_size,
+        max_update_deadline_s=args.max_update_deadline,
+    )
+    server = make_server(sidecar, args.host, args.port, args.token)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
+        print(
+            f"warning: serving on {args.host} without --token: anyone who can reach it can "
+            "generate and make it load files",
+            file=sys.stderr,
+        )
+    # SIGTERM ends serve_forever cleanly (shutdown must run on another thread).
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"{LISTENING}{server_url(server)}", flush=True)  # the line launchers wait for
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        backend.close()
+
+
+if __name__ == "__main__":
+    main()
