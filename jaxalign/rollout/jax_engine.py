@@ -144,7 +144,11 @@ class JaxEngine:
                 nnx.Param,
             )
         old = jax.tree.structure(self.state)
-        if jax.tree.structure(state) != old:
+        same_shapes = jax.tree.structure(state) == old and all(
+            a.shape == b.shape and a.dtype == b.dtype
+            for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(self.state), strict=True)
+        )
+        if not same_shapes:
             raise ValueError("update_weights: the new weights do not match the engine's model")
         self.state = self._place(state)
         self.weights_version = self.weights_version + 1 if version is None else int(version)
