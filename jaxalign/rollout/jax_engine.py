@@ -114,15 +114,9 @@ class JaxEngine:
     # --- weights ------------------------------------------------------------------------
 
     def _place(self, state):
-        if self.mesh is None:
-            return state
+        from jaxalign.trainer import shard_params
 
-        def put(var):
-            axes = var.get_metadata()["logical_axes"]
-            sh = sharding_lib.named_sharding(self.mesh, axes, var.shape, SAMPLING_RULES)
-            return var.replace(jax.device_put(var[...], sh))
-
-        return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return shard_params(state, self.mesh, SAMPLING_RULES)
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Installs new weights: a model, an ``nnx.State`` of its params, or a HF directory.
