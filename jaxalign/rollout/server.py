@@ -185,7 +185,24 @@ def checkpoint_checksum(path: str | os.PathLike) -> str:
 # --- backends ---------------------------------------------------------------------------
 
 
-class JaxBackend:
+class _Backend:
+    """What both backends share: an ``engine`` and its ``tokenizer``."""
+
+    engine: Any
+    tokenizer: Any
+
+    @property
+    def weights_version(self) -> int:
+        return self.engine.weights_version
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self.engine.generate(prompts, params)
+
+
+class JaxBackend(_Backend):
     """``JaxEngine`` with a model loaded by ``from_pretrained`` and its own tokenizer.
 
     Reloading builds the new parameter state beside the old one and swaps it in only if it
@@ -206,16 +223,6 @@ class JaxBackend:
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = JaxEngine(model, self.tokenizer, max_batch_size=engine_batch)
         self.weights_dtype = str(self._param_dtype)
-
-    @property
-    def weights_version(self) -> int:
-        return self.engine.weights_version
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        return self.engine.generate(prompts, params)
 
     def reload(self, path: str, version: int, timeout: float) -> None:
         from flax import nnx
@@ -273,7 +280,7 @@ def _check_same_shapes(old, new, path: str) -> None:
             )
 
 
-class VllmBackend:
+class VllmBackend(_Backend):
     """``VllmEngine`` (``jaxalign.rollout.vllm_engine``); reloads in place on the GPU."""
 
     name = "vllm"
@@ -285,16 +292,6 @@ class VllmBackend:
         self.engine = VllmEngine(model_dir, VllmOptions(**options))
         self.tokenizer = self.engine.tokenizer
         self.weights_dtype = self.engine.options.dtype
-
-    @property
-    def weights_version(self) -> int:
-        return self.engine.weights_version
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        return self.engine.generate(prompts, params)
 
     def reload(self, path: str, version: int, timeout: float) -> None:
         self.engine.update_weights(path, version, timeout=timeout)
