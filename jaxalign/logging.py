@@ -50,7 +50,12 @@ class MetricsLogger:
         if not self.active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(
+            self.path
+        )
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
+        if torn:  # a killed run left half a line: end it so the next record stays readable
+            self._file.write("\n")
         if wandb_mode != "disabled":
             import wandb
 
@@ -84,6 +89,12 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -91,7 +91,7 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
         init_value=0.0,
         peak_value=cfg.lr,
         warmup_steps=warmup,
-        decay_steps=cfg.total_steps,
+        decay_steps=max(cfg.total_steps, warmup + 1),  # optax needs a non-empty decay
         end_value=cfg.lr_min,
     )
 

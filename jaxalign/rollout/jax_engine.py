@@ -343,7 +343,7 @@ def _decode(
         logits = mask_tokens(
             c.logits, stop_ids, jnp.broadcast_to(c.step < min_tokens, c.done.shape)
         )
-        tok, logp = sample_tokens(
+        tok, _ = sample_tokens(
             jax.random.fold_in(c.rng, c.step),
             logits,
             temperature,
@@ -353,6 +353,10 @@ def _decode(
             use_top_k=use_top_k,
             use_top_p=use_top_p,
         )
+        # The reported log-prob is the model's own (before min_tokens masks EOS), so it
+        # equals a teacher-forced forward pass: GRPO's ratios and drift metrics rely on it.
+        raw = jax.nn.log_softmax(c.logits, axis=-1)  # [B, V] float32
+        logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
         active = ~c.done
         tok = jnp.where(active, tok, pad_id)
         tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))

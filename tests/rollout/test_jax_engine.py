@@ -68,11 +68,15 @@ def test_greedy_matches_transformers_generate(hf_pair):
         assert c.finish_reason == "length" and len(c.token_ids) == 12
 
 
-def test_sampled_logprobs_equal_teacher_forcing(hf_pair):
+@pytest.mark.parametrize("eos, min_tokens", [((), 0), ((5, 6, 7), 8)])
+def test_sampled_logprobs_equal_teacher_forcing(hf_pair, eos, min_tokens):
+    """Also while min_tokens masks EOS: the reported log-prob is the model's, not the masked
+    distribution's (a GRPO ratio against a teacher-forced pass must start at exactly 1)."""
     _, model = hf_pair
     prompts = _prompts(np.random.default_rng(1), [4, 9])
-    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0)
-    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, n=3, seed=7))
+    engine = JaxEngine(model, eos_token_ids=eos, pad_token_id=0)
+    out = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=10, n=3, seed=7,
+                                                  min_tokens=min_tokens))
     for prompt, completions in zip(prompts, out, strict=True):
         assert len(completions) == 3
         for c in completions:
