@@ -1,0 +1,78 @@
+"""Supervised fine-tuning on reasoning traces.
+
+    # tiny random model, GSM8K train traces from ../shared/data, CPU, a few minutes:
+    python -m jaxalign.train --config configs/sft.py
+    # the real recipe: Qwen2.5-Math-1.5B, bf16, seq 2048, lr 1e-5, warmup 5%, cosine to 0:
+    python -m jaxalign.train --config configs/sft.py:qwen2p5_math_1p5b \
+        --config.model.path=/models/Qwen2.5-Math-1.5B
+
+Expected result (tiny preset): the train loss falls from ~6.2 (uniform over the byte
+vocabulary) to below 2 nats/token; held-out answer reward stays ~0 (a 0.3M-parameter model
+cannot do GSM8K). The real preset validates on GSM8K test with the verifier.
+"""
+
+from jaxalign.algorithms.common import base_config
+
+
+def get_config(preset: str = "tiny"):
+    c = base_config("sft", "sft")
+
+    c.data = dict(
+        source="gsm8k",  # gsm8k | synthetic | a .jsonl with prompt/response fields
+        data_dir="../shared/data",
+        template="r1_zero",  # prompt template name or text with {question}
+        reward="r1_zero",  # r1_zero | question_only (validation reward)
+        num_train=0,  # 0: all rows
+        num_eval=256,
+        slip_rate=0.0,  # synthetic only: fraction of traces with an arithmetic slip
+        seed=0,
+        skip_invalid=False,
+        # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
+        synthetic=dict(max_steps=3, max_value=20, max_operand=9),
+    )
+    c.train = dict(
+        steps=200,
+        batch_size=16,  # rows per optimizer step (all processes)
+        seq_buckets=(256, 384, 512),
+        truncate="drop",  # over-long examples: error | right | drop (logged, never silent)
+        loss_chunk_size=0,  # >0: chunked vocabulary projection (large vocabularies)
+        normalize_constant=0.0,  # 0: mean NLL per response token; >0: CS336 sum / constant
+    )
+    c.eval = dict(
+        every=100,  # optimizer steps; 0: only at the end
+        at_start=False,
+        num_examples=32,
+        batch_size=32,
+        max_tokens=256,
+        temperature=0.0,
+        num_workers=1,  # verifier processes
+    )
+    c.model.preset = "tiny"
+    c.optim.lr = 1e-3
+    c.optim.warmup_ratio = 0.05
+    c.optim.weight_decay = 1e-4
+    c.checkpoint.save_every = 100
+
+    if preset == "tiny":
+        pass
+    elif preset == "qwen2p5_math_1p5b":
+        c.model.preset = ""
+        c.model.path = "Qwen/Qwen2.5-Math-1.5B"
+        c.model.dtype = "bfloat16"
+        c.model.param_dtype = "float32"
+        c.model.attention_impl = "cudnn"
+        c.model.remat = "full"
+        c.train.steps = 1000
+        c.train.batch_size = 64
+        c.train.seq_buckets = (512, 1024, 2048)
+        c.train.loss_chunk_size = 512
+        c.optim.lr = 1e-5
+        c.optim.grad_accum_steps = 8
+        c.eval.every = 200
+        c.eval.num_examples = 256
+        c.eval.max_tokens = 1024
+        c.eval.num_workers = 8
+        c.eval.batch_size = 256
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose tiny or qwen2p5_math_1p5b")
+    return c

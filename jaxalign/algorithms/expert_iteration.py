@@ -1,0 +1,220 @@
+"""Expert Iteration: sample, keep what the verifier accepts, fine-tune on it, repeat.
+
+    python -m jaxalign.train --config configs/ei.py
+
+For ``ei.n_ei_steps`` steps:
+
+1. draw ``ei.questions_per_step`` training questions and sample ``ei.group_size`` (G)
+   rollouts each with the current policy;
+2. keep the rollouts with reward 1 (``ei.keep``: ``answer`` keeps answer-correct ones,
+   ``reward`` needs format and answer), optionally without duplicate responses per
+   question (``ei.dedupe``) and at most ``ei.max_per_question`` per question;
+3. run ``ei.sft_epochs`` epochs of SFT on the kept rollouts' *token ids* (exactly what was
+   sampled; never re-tokenized), in micro-batches of fixed shape;
+4. push the weights to the engine, log the kept fraction, entropy and held-out accuracy.
+
+The policy is fine-tuned continuously (one optimizer across steps, constant learning rate
+by default), as in CS336's expert-iteration experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxalign.algorithms import common
+from jaxalign.algorithms.common import check
+from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    e = cfg.ei
+    check(e.n_ei_steps >= 1, f"config.ei.n_ei_steps={e.n_ei_steps} must be >= 1")
+    check(e.group_size >= 1, f"config.ei.group_size={e.group_size} must be >= 1")
+    check(e.questions_per_step >= 1,
+          f"config.ei.questions_per_step={e.questions_per_step} must be >= 1")
+    check(e.sft_epochs >= 1, f"config.ei.sft_epochs={e.sft_epochs} must be >= 1")
+    check(e.keep in ("answer", "reward"), f"config.ei.keep={e.keep!r}; choose answer or reward")
+    check(e.batch_size % cfg.optim.grad_accum_steps == 0,
+          f"config.ei.batch_size={e.batch_size} must be divisible by "
+          f"config.optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+    validate_rollout_config(cfg)
+
+
+def select_correct(
+    questions_of_rows: Sequence[int],
+    texts: Sequence[str],
+    rewards: Sequence[float],
+    *,
+    dedupe: bool,
+    max_per_question: int,
+) -> list[int]:
+    """Indices of the rollouts to keep: reward > 0, deduplicated and capped per question.
+
+    Args:
+        questions_of_rows: the question index of each rollout.
+        texts: each rollout's response text (for ``dedupe``).
+        rewards: each rollout's reward (kept when > 0).
+        dedupe: keep one rollout per distinct response text of a question.
+        max_per_question: at most this many per question (0: no cap).
+
+    Returns:
+        Kept indices, in input order.
+    """
+    kept, seen, count = [], set(), {}
+    for i, (q, t, r) in enumerate(zip(questions_of_rows, texts, rewards, strict=True)):
+        if r <= 0 or (dedupe and (q, t) in seen):
+            continue
+        if max_per_question and count.get(q, 0) >= max_per_question:
+            continue
+        seen.add((q, t))
+        count[q] = count.get(q, 0) + 1
+        kept.append(i)
+    return kept
+
+
+def sft_micro_batches(prompt_ids, response_ids, *, micro_batch: int, pad_id: int,
+                      width_multiple: int, epochs: int, seed: int):
+    """Fixed-shape micro-batches of (prompt, response) ids for ``epochs`` shuffled passes.
+
+    The last micro-batch of an epoch is filled with all-masked rows (no loss, no gradient),
+    so every micro-batch has ``micro_batch`` rows; the width is one multiple of
+    ``width_multiple`` for the whole call.
+    """
+    from jaxalign.data.tokenize import collate_prompt_and_output
+
+    n = len(prompt_ids)
+    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
+    width = -(-(longest - 1) // width_multiple) * width_multiple
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, micro_batch):
+            rows = order[start : start + micro_batch]
+            batch = collate_prompt_and_output([prompt_ids[i] for i in rows],
+                                              [response_ids[i] for i in rows], pad_id,
+                                              pad_to=width)
+            fill = micro_batch - len(rows)
+            if fill:
+                for k, v in batch.items():
+                    pad = np.zeros((fill, width), v.dtype) if k == "response_mask" else np.full(
+                        (fill, width), pad_id, v.dtype)
+                    batch[k] = np.concatenate([v, pad])
+            yield batch
+
+
+class ExpertIteration(PolicyRun):
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
+        from jaxalign.algorithms import sft
+        from jaxalign.optim import make_optimizer
+        from jaxalign.trainer import Trainer
+
+        e = cfg.ei
+        super().__init__(cfg, run_dir, prompts_per_step=e.questions_per_step)
+        # Optimizer steps are not known in advance (they depend on what is kept): the
+        # schedule spans an upper bound, every rollout kept.
+        upper = e.n_ei_steps * e.sft_epochs * -(-e.questions_per_step * e.group_size
+                                                // e.batch_size)
+        tx, self.schedule = make_optimizer(common.optim_config(cfg.optim, upper))
+        self.trainer = Trainer.create(self.policy, tx, sft.sft_loss_fn(cfg.train.loss_chunk_size),
+                                      self.mesh)
+        self.start_engine(self.trainer.model())
+
+    def step(self, step: int) -> dict[str, float]:
+        e = self.cfg.ei
+        t0 = time.perf_counter()
+        prompt_ids, completions, scores, questions = self.rollout(step, e.group_size)
+        t_rollout = time.perf_counter() - t0
+        key = "answer_reward" if e.keep == "answer" else "reward"
+        kept = select_correct([i // e.group_size for i in range(len(completions))],
+                              [c.text for c in completions], [s[key] for s in scores],
+                              dedupe=e.dedupe, max_per_question=e.max_per_question)
+        metrics = {
+            "train/reward": float(np.mean([s["reward"] for s in scores])),
+            "train/answer_reward": float(np.mean([s["answer_reward"] for s in scores])),
+            "train/format_reward": float(np.mean([s["format_reward"] for s in scores])),
+            "train/kept_fraction": len(kept) / len(completions),
+            "train/questions_solved": len({i // e.group_size for i in kept}) / len(questions),
+            "train/response_length": float(np.mean([len(c.token_ids) for c in completions])),
+            "time/rollout_s": t_rollout,
+        }
+        t1 = time.perf_counter()
+        if kept:
+            accum = self.cfg.optim.grad_accum_steps
+            results = []
+            batches = sft_micro_batches(
+                [prompt_ids[i] for i in kept], [completions[i].token_ids for i in kept],
+                micro_batch=e.batch_size // accum, pad_id=self.pad_id,
+                width_multiple=self.cfg.train.width_multiple, epochs=e.sft_epochs,
+                seed=self.cfg.seed * 7919 + step)
+            for batch in batches:
+                results.append(self.trainer.train_step(batch))
+            # With accumulation, micro-batches beyond the last multiple of grad_accum_steps
+            # are averaged into the next step's first update (optax.MultiSteps keeps them).
+            results = jax.device_get(results)
+            for k in ("loss", "entropy", "grad_norm"):
+                metrics[f"train/{k}"] = float(np.mean([r[k] for r in results]))
+            metrics["train/sft_micro_steps"] = len(results)
+            self.engine.update_weights(self.trainer.model())
+        metrics["time/train_s"] = time.perf_counter() - t1
+        return metrics
+
+
+def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
+    """Expert Iteration as configured; returns the summary (also in ``summary.json``)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    ei = ExpertIteration(cfg, run_dir)
+    n = cfg.ei.n_ei_steps
+    extra = ei.run.resume(ei.trainer, {"questions": ei.questions})
+    start = int(extra["step"]) if extra else 0
+    if extra:
+        ei.engine.update_weights(ei.trainer.model())
+        eval_before = extra.get("eval_before", {})
+    else:
+        eval_before = ei.evaluate(0)
+        ei.run.save(0, ei.trainer, {"questions": ei.questions}, force=True,
+                    eval_before=eval_before)
+    eval_after: dict[str, float] = {}
+    bar = tqdm(range(start + 1, n + 1), desc="expert iteration", initial=start, total=n,
+               disable=not (cfg.log.progress and jax.process_index() == 0))
+    for step in bar:
+        metrics = ei.step(step)
+        ei.run.log(step, metrics)
+        bar.set_postfix(kept=f"{metrics['train/kept_fraction']:.2f}")
+        if step == n or (cfg.eval.every and step % cfg.eval.every == 0):
+            eval_after = ei.evaluate(step)
+        ei.run.save(step, ei.trainer, {"questions": ei.questions}, force=step == n,
+                    eval_before=eval_before)
+    if not eval_after and start >= n:
+        eval_after = ei.evaluate(n)
+    if cfg.checkpoint.export_hf:
+        common.export_hf(ei.trainer.model(), ei.tokenizer, Path(run_dir) / "hf")
+    common.plot_metrics(run_dir, [
+        ("reward", ["train/answer_reward", "eval/answer_reward", "train/kept_fraction"]),
+        ("entropy", ["train/entropy"]),
+        ("loss", ["train/loss"]),
+    ])
+    ei.run.close()
+    summary = {
+        "algorithm": "expert_iteration",
+        "ei_steps": n,
+        "resumed_from": start,
+        "eval_before": eval_before.get("eval/answer_reward"),
+        "eval_after": eval_after.get("eval/answer_reward"),
+        "num_eval_examples": len(ei.held_out),
+        **ei.warmstart_result,
+        "wall_time_s": round(time.time() - t0, 1),
+        "run_dir": str(run_dir),
+    }
+    if jax.process_index() == 0:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

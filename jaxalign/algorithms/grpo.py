@@ -1,0 +1,498 @@
+"""GRPO: group-relative policy optimisation with a verifier reward.
+
+    python -m jaxalign.train --config configs/grpo.py        # the CPU demo (no flags)
+
+One step, top to bottom (``grpo_step``)::
+
+    questions -> engine.generate(n=group_size) -> verifier rewards -> group advantages
+    -> rollout batch (static shapes) -> old log-probs (one forward, or the engine's)
+    -> for each epoch, for each train batch: jitted train step (log-probs, ratio, clip,
+       optional KL, aggregation, optax update with accumulation)
+    -> push weights to the engine -> log
+
+Departures from and options around the paper (DeepSeekMath; CS336 assignment 5 names):
+
+* ``loss_type``: ``no_baseline``, ``reinforce_with_baseline`` (CS336's default),
+  ``grpo_clip``, ``grpo_no_clip``; asymmetric clip (DAPO) with ``cliprange_low/high``.
+* ``length_normalization``: ``masked_mean`` (per sequence, as GRPO), ``token_mean`` (DAPO)
+  or ``masked_normalize`` by a constant (Dr. GRPO; default constant: ``max_tokens``).
+* ``use_std_normalization`` off gives Dr. GRPO's mean-only advantages.
+* KL to the frozen starting policy (k3 estimator) only when ``beta > 0`` (default 0).
+* ``old_log_probs``: ``"trainer"`` recomputes them with one forward pass per rollout batch
+  (exact for the trainer's numerics); ``"engine"`` takes the sampler's. Truncated
+  importance sampling (``tis``) corrects for sampler/trainer mismatch; ``"auto"`` turns it on
+  exactly when the old log-probs come from the engine. The mismatch itself is logged every
+  step (``drift/logprob_diff_mean``, ``_max``): the first micro-batch's policy log-probs,
+  before any update, against the engine's for the same tokens.
+* Optional, off by default: ``filter_zero_std_groups`` (DAPO's dynamic-sampling filter:
+  groups whose rewards are all equal give no advantage; their tokens are masked out so they
+  do not dilute a token mean), ``mask_truncated`` (completions that hit ``max_tokens`` get
+  no gradient), ``overlong_penalty`` (DAPO's soft length penalty, linear over the last
+  ``overlong_buffer`` tokens).
+* Safety: ``frac_reward_zero_std`` is logged; mean token entropy under ``entropy_floor``
+  warns (and with ``stop_on_collapse`` stops); so does format reward rising while answer
+  reward falls (reward hacking the format).
+
+The demo warm-starts a random tiny model with a short SFT on generated traces
+(``warmstart.sft_steps``), then runs GRPO; ``summary.json`` holds the held-out answer
+reward before and after GRPO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.algorithms import common
+from jaxalign.algorithms.common import check
+from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+
+logger = logging.getLogger(__name__)
+
+RATIO_LOSSES = ("grpo_clip", "grpo_no_clip")
+
+# --- config checks ----------------------------------------------------------------------
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """CS336's constraints and every option's range, before anything is built."""
+    g = cfg.grpo
+    accum = cfg.optim.grad_accum_steps
+    check(g.n_grpo_steps >= 1, f"config.grpo.n_grpo_steps={g.n_grpo_steps} must be >= 1")
+    check(g.group_size >= 1, f"config.grpo.group_size={g.group_size} must be >= 1")
+    check(g.rollout_batch_size % g.group_size == 0,
+          f"config.grpo.rollout_batch_size={g.rollout_batch_size} must be divisible by "
+          f"config.grpo.group_size={g.group_size}")
+    check(g.train_batch_size % accum == 0,
+          f"config.grpo.train_batch_size={g.train_batch_size} must be divisible by "
+          f"config.optim.grad_accum_steps={accum}")
+    check(g.train_batch_size >= g.group_size,
+          f"config.grpo.train_batch_size={g.train_batch_size} must be >= "
+          f"config.grpo.group_size={g.group_size}")
+    check(g.rollout_batch_size % g.train_batch_size == 0,
+          f"config.grpo.rollout_batch_size={g.rollout_batch_size} must be a multiple of "
+          f"config.grpo.train_batch_size={g.train_batch_size}")
+    micro = g.train_batch_size // accum
+    n_dev = jax.device_count()
+    check(micro % jax.process_count() == 0,
+          f"micro-batch {micro} (grpo.train_batch_size / optim.grad_accum_steps) must be "
+          f"divisible by the {jax.process_count()} processes")
+    if n_dev > 1:
+        data_par = n_dev // max(cfg.mesh.tensor, 1)
+        check(micro % data_par == 0,
+              f"micro-batch {micro} must be divisible by the {data_par} data-parallel devices "
+              "(mesh data x fsdp); change grpo.train_batch_size, optim.grad_accum_steps or "
+              "the mesh")
+    check(g.epochs_per_rollout_batch >= 1,
+          f"config.grpo.epochs_per_rollout_batch={g.epochs_per_rollout_batch} must be >= 1")
+    check(g.loss_type in losses.LOSS_TYPES,
+          f"config.grpo.loss_type={g.loss_type!r}; choose one of {losses.LOSS_TYPES}")
+    check(g.length_normalization in losses.LENGTH_NORMALIZATIONS,
+          f"config.grpo.length_normalization={g.length_normalization!r}; choose one of "
+          f"{losses.LENGTH_NORMALIZATIONS}")
+    check(g.old_log_probs in ("trainer", "engine"),
+          f"config.grpo.old_log_probs={g.old_log_probs!r}; choose 'trainer' or 'engine'")
+    check(g.tis in ("auto", "on", "off"), f"config.grpo.tis={g.tis!r}; choose auto, on or off")
+    check(g.use_std_normalization is False or g.group_size >= 2,
+          "config.grpo.use_std_normalization needs group_size >= 2 (the std of one sample "
+          "is undefined); raise group_size or turn the std normalisation off")
+    check(g.beta >= 0, f"config.grpo.beta={g.beta} must be >= 0")
+    if g.loss_type == "grpo_clip":
+        check(g.cliprange > 0 or (g.cliprange_low > 0 and g.cliprange_high > 0),
+              "loss_type='grpo_clip' needs config.grpo.cliprange > 0 (or both "
+              "cliprange_low and cliprange_high)")
+    validate_rollout_config(cfg)
+    check(0 <= g.overlong_buffer < cfg.sampling.max_tokens,
+          f"config.grpo.overlong_buffer={g.overlong_buffer} must be in "
+          "[0, sampling.max_tokens)")
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def build_rollout_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Any],
+    advantages: np.ndarray,
+    raw_rewards: np.ndarray,
+    *,
+    pad_id: int,
+    width: int,
+    row_mask: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Rollouts -> the arrays a train step takes, with a static width.
+
+    Row ``i`` is ``prompt_ids[i] + completions[i].token_ids`` (the sampled ids as they are,
+    never re-tokenized), right-padded; ``labels`` are the inputs shifted by one and the
+    mask covers exactly the completion's tokens. The engine's per-token log-probs land at
+    the same positions as the labels they score.
+
+    Args:
+        prompt_ids: N prompts as token ids.
+        completions: N ``Completion`` (``token_ids``, ``logprobs``).
+        advantages, raw_rewards: ``[N]``.
+        pad_id: padding id.
+        width: T; every row must fit (``len(prompt) + len(completion) <= T + 1``).
+        row_mask: optional ``[N]`` bool; False rows keep their tokens but get an all-zero
+            response mask (no gradient), e.g. filtered groups or truncated completions.
+
+    Returns:
+        ``input_ids``, ``labels`` ``[N, T]`` int32; ``response_mask`` ``[N, T]`` bool;
+        ``sampler_log_probs`` ``[N, T]`` float32 (0 outside the mask); ``advantages``,
+        ``raw_rewards`` ``[N, 1]`` float32.
+    """
+    n = len(completions)
+    full = np.full((n, width + 1), pad_id, np.int32)
+    is_response = np.zeros((n, width + 1), bool)
+    sampler = np.zeros((n, width + 1), np.float32)
+    for r, (p, c) in enumerate(zip(prompt_ids, completions, strict=True)):
+        toks = list(c.token_ids)
+        if len(p) + len(toks) > width + 1:
+            raise ValueError(f"rollout {r}: {len(p)} + {len(toks)} tokens exceed width {width}+1")
+        full[r, : len(p) + len(toks)] = list(p) + toks
+        is_response[r, len(p) : len(p) + len(toks)] = True
+        if c.logprobs is not None:
+            sampler[r, len(p) : len(p) + len(toks)] = c.logprobs
+    if row_mask is not None:
+        is_response &= np.asarray(row_mask, bool)[:, None]
+    return {
+        "input_ids": np.ascontiguousarray(full[:, :-1]),
+        "labels": np.ascontiguousarray(full[:, 1:]),
+        "response_mask": np.ascontiguousarray(is_response[:, 1:]),
+        "sampler_log_probs": np.ascontiguousarray(sampler[:, 1:]),
+        "advantages": np.asarray(advantages, np.float32).reshape(n, 1),
+        "raw_rewards": np.asarray(raw_rewards, np.float32).reshape(n, 1),
+    }
+
+
+def overlong_penalty(lengths: np.ndarray, max_tokens: int, buffer: int, coef: float) -> np.ndarray:
+    """DAPO's soft overlong penalty ``[N]``: 0 up to ``max_tokens - buffer``, then linear to
+    ``-coef`` at ``max_tokens``."""
+    if buffer <= 0 or coef == 0:
+        return np.zeros(len(lengths), np.float32)
+    start = max_tokens - buffer
+    return (-coef * np.clip((np.asarray(lengths) - start) / buffer, 0, 1)).astype(np.float32)
+
+
+def zero_std_groups(raw_rewards: np.ndarray, group_size: int) -> np.ndarray:
+    """``[N]`` True where the row's group has all-equal rewards (no GRPO signal)."""
+    grouped = np.asarray(raw_rewards).reshape(-1, group_size)
+    same = grouped.max(axis=1) == grouped.min(axis=1)
+    return np.repeat(same, group_size)
+
+
+def bucket_width(longest: int, multiple: int, cap: int) -> int:
+    """Static width T for rows of up to ``longest`` tokens: a multiple of ``multiple``."""
+    need = max(longest - 1, 1)
+    return min(-(-need // multiple) * multiple, max(cap, need))
+
+
+# --- the loss ---------------------------------------------------------------------------
+
+
+def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
+                 normalize_constant: float, chunk_size: int = 0):
+    """``loss_fn(model, batch) -> (loss, metrics)`` for the GRPO train step.
+
+    ``batch`` holds ``build_rollout_batch``'s arrays, plus ``old_log_probs`` when
+    ``use_old`` and ``ref_log_probs`` when ``g.beta > 0``.
+    """
+    cliprange = g.cliprange if g.cliprange > 0 else None
+    low = g.cliprange_low if g.cliprange_low > 0 else None
+    high = g.cliprange_high if g.cliprange_high > 0 else None
+
+    def loss_fn(model, batch):
+        out = common.policy_log_probs(model, batch["input_ids"], batch["labels"],
+                                      chunk_size=chunk_size, entropy=True)
+        logp, mask = out["log_probs"], batch["response_mask"]
+        loss, meta = losses.grpo_microbatch_loss(
+            logp, mask, 1, g.loss_type,
+            raw_rewards=batch["raw_rewards"], advantages=batch["advantages"],
+            old_log_probs=batch["old_log_probs"] if use_old else None,
+            cliprange=cliprange, cliprange_low=low, cliprange_high=high,
+            length_normalization=g.length_normalization,
+            normalize_constant=normalize_constant,
+            ref_log_probs=batch.get("ref_log_probs"), beta=g.beta,
+            tis_log_probs=batch["sampler_log_probs"] if use_tis else None, tis_cap=g.tis_cap,
+        )
+        diff = jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_log_probs"])
+        meta["entropy"] = losses.masked_mean(out["token_entropy"], mask)
+        meta["logprob_diff_mean"] = losses.masked_mean(diff, mask)
+        meta["logprob_diff_max"] = jnp.max(jnp.where(mask, diff, 0.0))
+        return loss, meta
+
+    return loss_fn
+
+
+def make_log_prob_fn(graphdef, chunk_size: int = 0):
+    """Jitted ``(params, input_ids, labels) -> log_probs [B, T]`` (old and reference)."""
+
+    def fn(params, input_ids, labels):
+        model = nnx.merge(graphdef, params)
+        return common.policy_log_probs(model, input_ids, labels, chunk_size=chunk_size)[
+            "log_probs"]
+
+    return jax.jit(fn)
+
+
+def micro_batches(batch: dict[str, np.ndarray], size: int):
+    """Consecutive row slices of ``size`` (groups stay together when size >= group_size)."""
+    n = len(next(iter(batch.values())))
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+# --- the loop -------------------------------------------------------------------------
+
+
+class GRPO(PolicyRun):
+    """A GRPO run: the shared policy/engine/data set-up plus the GRPO trainer and step."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
+        from jaxalign.optim import make_optimizer
+        from jaxalign.trainer import Trainer
+
+        g = cfg.grpo
+        super().__init__(cfg, run_dir, prompts_per_step=g.rollout_batch_size // g.group_size)
+        steps_per_rollout = g.epochs_per_rollout_batch * (g.rollout_batch_size
+                                                          // g.train_batch_size)
+        tx, self.schedule = make_optimizer(
+            common.optim_config(cfg.optim, g.n_grpo_steps * steps_per_rollout))
+        self.use_old = g.loss_type in RATIO_LOSSES
+        tis = g.old_log_probs == "engine" if g.tis == "auto" else g.tis == "on"
+        # With old log-probs from the engine, a ratio loss already divides by the sampler's
+        # probability: TIS would be a second, redundant correction.
+        self.use_tis = tis and not (g.old_log_probs == "engine" and self.use_old)
+        self.normalize_constant = g.normalize_constant or cfg.sampling.max_tokens
+        self.trainer = Trainer.create(
+            self.policy, tx,
+            grpo_loss_fn(g, use_old=self.use_old, use_tis=self.use_tis,
+                         normalize_constant=self.normalize_constant,
+                         chunk_size=cfg.train.loss_chunk_size),
+            self.mesh,
+        )
+        self.log_prob_fn = make_log_prob_fn(self.trainer.graphdef, cfg.train.loss_chunk_size)
+        self.ref_params = None
+        if g.beta > 0:  # the frozen starting policy (a copy: the trainer donates its buffers)
+            self.ref_params = jax.tree.map(jnp.copy, self.trainer.params)
+        self.start_engine(self.trainer.model())
+        self.history: list[dict[str, float]] = []
+
+    def make_batch(self, prompt_ids, completions, scores) -> tuple[dict, dict]:
+        """Advantages and the static-shape rollout batch, with their metrics."""
+        g, s = self.cfg.grpo, self.cfg.sampling
+        lengths = np.array([len(c.token_ids) for c in completions])
+        truncated = np.array([c.finish_reason == "length" for c in completions])
+        penalty = overlong_penalty(lengths, s.max_tokens, g.overlong_buffer, g.overlong_penalty)
+        it = iter([dict(sc, reward=sc["reward"] + p) for sc, p in zip(scores, penalty,
+                                                                         strict=True)])
+        # compute_group_normalized_rewards scores in order; the pool already did the work.
+        advantages, raw, meta = losses.compute_group_normalized_rewards(
+            lambda r, gt: next(it), [c.text for c in completions],
+            [None] * len(completions), g.group_size, g.advantage_eps,
+            g.use_std_normalization)
+        keep = np.ones(len(completions), bool)
+        if g.filter_zero_std_groups:
+            keep &= ~zero_std_groups(raw, g.group_size)
+        if g.mask_truncated:
+            keep &= ~truncated
+        longest = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions,
+                                                                  strict=True))
+        max_prompt = max(len(p) for p in prompt_ids)
+        width = bucket_width(longest, self.cfg.train.width_multiple, max_prompt + s.max_tokens)
+        batch = build_rollout_batch(prompt_ids, completions, advantages, raw, pad_id=self.pad_id,
+                                    width=width, row_mask=keep)
+        answer = np.array([sc["answer_reward"] for sc in scores])
+        metrics = {
+            "train/reward": meta["reward_mean"],
+            "train/answer_reward": meta.get("answer_reward_mean", float(answer.mean())),
+            "train/format_reward": meta.get("format_reward_mean", float("nan")),
+            "train/frac_reward_zero_std": meta["frac_reward_zero_std"],
+            "train/response_length": float(lengths.mean()),
+            "train/response_length_correct": float(lengths[answer > 0].mean())
+            if (answer > 0).any() else float("nan"),
+            "train/response_length_incorrect": float(lengths[answer <= 0].mean())
+            if (answer <= 0).any() else float("nan"),
+            "train/truncated_fraction": float(truncated.mean()),
+            "train/rows_with_gradient": float(keep.mean()),
+            "train/width": width,
+        }
+        return batch, metrics
+
+    def add_old_log_probs(self, batch: dict) -> None:
+        """``old_log_probs`` (and ``ref_log_probs``) for the whole rollout batch, once."""
+        g = self.cfg.grpo
+        micro = g.train_batch_size // self.cfg.optim.grad_accum_steps
+        if self.use_old:
+            if g.old_log_probs == "engine":
+                batch["old_log_probs"] = batch["sampler_log_probs"]
+            else:
+                batch["old_log_probs"] = self._forward(self.trainer.params, batch, micro)
+        if self.ref_params is not None:
+            batch["ref_log_probs"] = self._forward(self.ref_params, batch, micro)
+
+    def _forward(self, params, batch, micro) -> np.ndarray:
+        out = []
+        for mb in micro_batches(batch, micro):
+            placed = self.trainer.place_batch({k: mb[k] for k in ("input_ids", "labels")})
+            out.append(self.log_prob_fn(params, placed["input_ids"], placed["labels"]))
+        return np.concatenate([np.asarray(x) for x in jax.device_get(out)])
+
+    def train_on(self, batch: dict) -> dict[str, float]:
+        """``epochs_per_rollout_batch`` passes over the batch; returns mean metrics."""
+        g = self.cfg.grpo
+        micro = g.train_batch_size // self.cfg.optim.grad_accum_steps
+        results = []
+        for _ in range(g.epochs_per_rollout_batch):
+            for mb in micro_batches(batch, micro):
+                results.append(self.trainer.train_step(mb))
+        results = jax.device_get(results)
+        out = {f"train/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+        # Drift: the first micro-batch ran before any update, on exactly the sampled tokens.
+        out["drift/logprob_diff_mean"] = float(results[0]["logprob_diff_mean"])
+        out["drift/logprob_diff_max"] = float(results[0]["logprob_diff_max"])
+        del out["train/logprob_diff_mean"], out["train/logprob_diff_max"]
+        return out
+
+    def step(self, step: int) -> dict[str, float]:
+        """One GRPO step (rollouts -> rewards -> advantages -> updates -> weights)."""
+        t0 = time.perf_counter()
+        prompt_ids, completions, scores, _ = self.rollout(step, self.cfg.grpo.group_size)
+        t_rollout = time.perf_counter() - t0
+        batch, metrics = self.make_batch(prompt_ids, completions, scores)
+        self.add_old_log_probs(batch)
+        t1 = time.perf_counter()
+        metrics.update(self.train_on(batch))
+        t_train = time.perf_counter() - t1
+        self.engine.update_weights(self.trainer.model())
+        n_tokens = sum(len(c.token_ids) for c in completions)
+        metrics.update({
+            "time/rollout_s": t_rollout,
+            "time/train_s": t_train,
+            "time/step_s": time.perf_counter() - t0,
+            "time/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
+            "time/train_tokens_per_s": batch["input_ids"].size
+            * self.cfg.grpo.epochs_per_rollout_batch / max(t_train, 1e-9),
+            "train/lr": float(self.schedule(max(self.trainer.step // max(
+                self.cfg.optim.grad_accum_steps, 1) - 1, 0))),
+        })
+        return metrics
+
+    def check_health(self, step: int, metrics: dict[str, float]) -> None:
+        """Warns (or stops) on entropy collapse or format rising while answers fall."""
+        g = self.cfg.grpo
+        self.history.append(metrics)
+        problems = []
+        if g.entropy_floor > 0 and metrics["train/entropy"] < g.entropy_floor:
+            problems.append(f"mean token entropy {metrics['train/entropy']:.3f} fell below "
+                            f"grpo.entropy_floor={g.entropy_floor} (entropy collapse)")
+        w = g.health_window
+        if w and len(self.history) >= 2 * w:
+            before, now = self.history[-2 * w : -w], self.history[-w:]
+
+            def mean(rows, k):
+                return float(np.mean([r[k] for r in rows]))
+
+            d_format = mean(now, "train/format_reward") - mean(before, "train/format_reward")
+            d_answer = mean(now, "train/answer_reward") - mean(before, "train/answer_reward")
+            if d_format > 0.05 and d_answer < -0.05:
+                problems.append(f"format reward rose by {d_format:.2f} while answer reward "
+                                f"fell by {-d_answer:.2f} over the last {w} steps")
+        for p in problems:
+            warnings.warn(f"GRPO step {step}: {p}", stacklevel=2)
+            if g.stop_on_collapse:
+                raise RuntimeError(f"stopped at GRPO step {step}: {p} (grpo.stop_on_collapse)")
+
+
+def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
+    """GRPO as configured; returns the summary (also in ``summary.json``)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    grpo = GRPO(cfg, run_dir)
+    g = cfg.grpo
+    extra = grpo.run.resume(grpo.trainer, {"questions": grpo.questions})
+    start = int(extra["step"]) if extra else 0
+    if extra:
+        grpo.engine.update_weights(grpo.trainer.model())
+        eval_before = extra.get("eval_before", {})
+        grpo.warmstart_result = extra.get("warmstart", {})
+    else:
+        eval_before = grpo.evaluate(0)
+        grpo.run.save(0, grpo.trainer, {"questions": grpo.questions}, force=True,
+                      eval_before=eval_before, warmstart=grpo.warmstart_result)
+    if jax.process_index() == 0 and eval_before:
+        print(f"held-out answer reward before GRPO: {eval_before['eval/answer_reward']:.3f}")
+
+    bar = tqdm(range(start + 1, g.n_grpo_steps + 1), desc="grpo", initial=start,
+               total=g.n_grpo_steps, disable=not (cfg.log.progress and jax.process_index() == 0))
+    eval_after: dict[str, float] = {}
+    for step in bar:
+        metrics = grpo.step(step)
+        grpo.run.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
+                        entropy=f"{metrics['train/entropy']:.2f}")
+        grpo.check_health(step, metrics)
+        if step == g.n_grpo_steps or (cfg.eval.every and step % cfg.eval.every == 0):
+            eval_after = grpo.evaluate(step)
+        grpo.run.save(step, grpo.trainer, {"questions": grpo.questions},
+                      force=step == g.n_grpo_steps, eval_before=eval_before,
+                      warmstart=grpo.warmstart_result)
+    if not eval_after and start >= g.n_grpo_steps:
+        eval_after = grpo.evaluate(g.n_grpo_steps)
+    if cfg.checkpoint.export_hf:
+        common.export_hf(grpo.trainer.model(), grpo.tokenizer, Path(run_dir) / "hf")
+    common.plot_metrics(run_dir, [
+        ("reward", ["train/reward", "train/answer_reward", "train/format_reward",
+                    "eval/answer_reward"]),
+        ("entropy", ["train/entropy"]),
+        ("response length", ["train/response_length", "train/response_length_correct",
+                             "train/response_length_incorrect"]),
+        ("loss", ["train/loss"]),
+        ("sampler drift", ["drift/logprob_diff_mean"]),
+    ])
+    grpo.run.close()
+    summary = {
+        "algorithm": "grpo",
+        "grpo_steps": g.n_grpo_steps,
+        "resumed_from": start,
+        "eval_before": eval_before.get("eval/answer_reward"),
+        "eval_after": eval_after.get("eval/answer_reward"),
+        "eval_before_format": eval_before.get("eval/format_reward"),
+        "eval_after_format": eval_after.get("eval/format_reward"),
+        "num_eval_examples": len(grpo.held_out),
+        **grpo.warmstart_result,
+        "wall_time_s": round(time.time() - t0, 1),
+        "run_dir": str(run_dir),
+    }
+    if jax.process_index() == 0:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_table(summary)
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    """The before/after table a person reads at the end of a run."""
+    def fmt(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    print()
+    print(f"| held-out (n={summary['num_eval_examples']}) | before GRPO | after GRPO |")
+    print("|---|---|---|")
+    print(f"| answer reward | {fmt(summary['eval_before'])} | {fmt(summary['eval_after'])} |")
+    print(f"| format reward | {fmt(summary['eval_before_format'])} | "
+          f"{fmt(summary['eval_after_format'])} |")
+    print(f"GRPO steps: {summary['grpo_steps']}, wall time {summary['wall_time_s']} s, "
+          f"run dir {summary['run_dir']}")

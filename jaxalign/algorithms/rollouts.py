@@ -1,0 +1,212 @@
+"""What GRPO and Expert Iteration share: the policy, questions, rollouts, rewards, validation.
+
+``PolicyRun`` builds, from a config:
+
+* the mesh, the policy and its tokenizer (``common.build_model_and_tokenizer``), and for
+  the demo a short SFT warm start on generated traces (``warmstart.sft_steps``);
+* the training questions as a resumable grain iterator, and the held-out set;
+* the rollout engine (the in-process ``JaxEngine`` or HTTP sidecars) once the subclass has
+  its trainer (``start_engine``);
+* ``rollout(step, n)``: a batch of questions -> ``n`` samples each -> verifier rewards, with
+  sampling seeded by the step so a resumed run samples what it would have;
+* ``evaluate(step)``: held-out rewards, logged and written to ``generations.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxalign.algorithms import common
+from jaxalign.algorithms.common import check
+
+
+def load_questions(data: ml_collections.ConfigDict):
+    """``(train, held_out)`` lists of ``MathExample`` for ``data.source``.
+
+    ``synthetic``: generated arithmetic problems; ``gsm8k``: GSM8K train / test;
+    ``math``: questions from ``data.train_file``, MATH500 held out; a JSONL path: its rows
+    (``problem``/``question`` and ``answer`` fields), no held-out set.
+    """
+    from jaxalign.data import datasets, synthetic
+
+    if data.source == "synthetic":
+        return synthetic.split_problems(data.num_train, data.num_eval, data.seed,
+                                          **data.synthetic.to_dict())
+    if data.source == "gsm8k":
+        train = datasets.load_benchmark("gsm8k", data.data_dir, "train",
+                                        skip_invalid=data.skip_invalid)
+        held_out = datasets.load_benchmark("gsm8k", data.data_dir, "test")
+    elif data.source == "math":
+        # MATH500 is held out; MATH train is not in ../shared/data, so the user supplies it.
+        check(bool(data.train_file), "data.source='math' needs data.train_file (a JSONL "
+              "with problem and answer fields)")
+        train = datasets.load_jsonl(data.train_file, datasets.BENCHMARKS["math500"],
+                                    skip_invalid=data.skip_invalid)
+        held_out = datasets.load_benchmark("math500", data.data_dir, "test")
+    else:
+        train = datasets.load_jsonl(data.source, datasets.BENCHMARKS["math500"],
+                                    skip_invalid=data.skip_invalid)
+        held_out = []
+    if data.num_train:
+        train = train[: data.num_train]
+    return train, held_out[: data.num_eval]
+
+
+def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
+    """Checks of the blocks GRPO and EI share: data, sampling, engine, warm start."""
+    s = cfg.sampling
+    check(s.max_tokens >= 1 and 0 <= s.min_tokens <= s.max_tokens,
+          f"config.sampling: need 1 <= max_tokens and 0 <= min_tokens <= max_tokens "
+          f"(got {s.min_tokens}, {s.max_tokens})")
+    check(s.temperature >= 0, f"config.sampling.temperature={s.temperature} must be >= 0")
+    check(cfg.engine.backend in ("jax", "sidecar"),
+          f"config.engine.backend={cfg.engine.backend!r}; choose 'jax' or 'sidecar'")
+    if cfg.engine.backend == "sidecar":
+        check(bool(cfg.engine.urls), "config.engine.backend='sidecar' needs config.engine.urls "
+              "(comma-separated http://host:port of running sidecars; see launch/sidecar.sh)")
+    check(cfg.data.reward in ("r1_zero", "question_only"),
+          f"config.data.reward={cfg.data.reward!r}; choose r1_zero or question_only")
+    check(cfg.data.source in ("synthetic", "gsm8k", "math") or Path(cfg.data.source).is_file(),
+          f"config.data.source={cfg.data.source!r}: 'synthetic', 'gsm8k', 'math' or a JSONL file")
+    if cfg.data.source in ("gsm8k", "math"):
+        check(Path(cfg.data.data_dir).is_dir(),
+              f"config.data.data_dir={cfg.data.data_dir!r} not found (the folder holding "
+              "gsm8k/ and math500/, e.g. ../shared/data)")
+    if cfg.data.source == "math":
+        check(bool(cfg.data.train_file) and Path(cfg.data.train_file).is_file(),
+              f"config.data.source='math' needs config.data.train_file, a JSONL of training "
+              f"problems with problem and answer fields (got {cfg.data.train_file!r})")
+    if cfg.warmstart.sft_steps:
+        check(cfg.data.source == "synthetic",
+              "config.warmstart.sft_steps > 0 needs data.source='synthetic' (it trains on "
+              "generated traces); real runs start from a checkpoint: set warmstart.sft_steps=0")
+        check(cfg.warmstart.batch_size % cfg.optim.grad_accum_steps == 0,
+              "config.warmstart.batch_size must be divisible by config.optim.grad_accum_steps")
+
+
+class PolicyRun:
+    """The set-up of a rollout-based run; subclasses add a trainer and a step.
+
+    Attributes:
+        policy: the starting model (after the warm start, if any).
+        engine: the rollout engine (after ``start_engine``).
+        questions: resumable iterator of ``prompts_per_step`` training questions.
+        held_out: held-out ``MathExample`` rows.
+        run: the run directory's ``common.RunState``.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path, *, prompts_per_step: int):
+        from jaxalign.data.pipeline import make_example_iterator
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.mesh = common.mesh_from_config(cfg)
+        self.policy, self.tokenizer = common.build_model_and_tokenizer(cfg.model, self.mesh)
+        self.train_questions, self.held_out = load_questions(cfg.data)
+        check(len(self.train_questions) >= prompts_per_step,
+              f"{len(self.train_questions)} training questions < the {prompts_per_step} "
+              "prompts of one step")
+        self.run = common.RunState(cfg, run_dir)
+        self.resuming = self.run.checkpointer.latest_step() is not None
+        self.warmstart_result: dict[str, Any] = {}
+        if cfg.warmstart.sft_steps and not self.resuming:
+            self.policy = self._warm_start(self.policy)
+        self.questions = make_example_iterator(
+            self.train_questions, batch_size=prompts_per_step // jax.process_count(),
+            seed=cfg.seed, num_epochs=None)
+        self.engine = None
+
+    def _warm_start(self, model):
+        """Short SFT on generated traces (the demo's starting policy); logs warmstart.jsonl."""
+        from jaxalign.algorithms import sft
+        from jaxalign.data import synthetic
+        from jaxalign.logging import MetricsLogger
+        from jaxalign.optim import make_optimizer
+        from jaxalign.trainer import Trainer
+
+        w = self.cfg.warmstart
+        pairs = synthetic.sft_traces(self.train_questions, self.cfg.data.template,
+                                     slip_rate=w.slip_rate, seed=self.cfg.seed)
+        optim = ml_collections.ConfigDict(dict(self.cfg.optim.to_dict(), lr=w.lr,
+                                               warmup_steps=w.warmup_steps, schedule="cosine"))
+        tx, schedule = make_optimizer(common.optim_config(optim, w.sft_steps))
+        trainer = Trainer.create(model, tx, sft.sft_loss_fn(), self.mesh)
+        log = MetricsLogger(self.run_dir, wandb_mode="disabled", filename="warmstart.jsonl")
+        t0 = time.time()
+        last = sft.train_sft(
+            trainer, pairs, self.tokenizer, steps=w.sft_steps, batch_size=w.batch_size,
+            grad_accum_steps=self.cfg.optim.grad_accum_steps, seq_buckets=w.seq_buckets,
+            seed=self.cfg.seed, schedule=schedule, run=log, log_prefix="warmstart/",
+            progress=self.cfg.log.progress)
+        log.close()
+        self.warmstart_result = {"warmstart_loss": last["loss"],
+                                 "warmstart_time_s": round(time.time() - t0, 1)}
+        return trainer.model()
+
+    def start_engine(self, model) -> None:
+        """The rollout engine, holding ``model``'s weights."""
+        c = self.cfg.engine
+        if c.backend == "sidecar":
+            from jaxalign.rollout import SidecarEngine
+
+            self.engine = SidecarEngine([u.strip() for u in c.urls.split(",") if u.strip()])
+            self.engine.update_weights(model)
+            self.pad_id = self.tokenizer.pad_token_id
+            if self.pad_id is None:
+                self.pad_id = self.tokenizer.eos_token_id
+            return
+        from jaxalign.rollout import JaxEngine
+
+        self.engine = JaxEngine(model, self.tokenizer, self.mesh,
+                                max_batch_size=c.max_batch_size, decode_chunk=c.decode_chunk)
+        self.pad_id = self.engine.pad_token_id
+
+    def sampling_params(self, step: int, n: int, eval_: bool = False):
+        """Rollout sampling (seeded by the step) or held-out sampling (``eval_``)."""
+        from jaxalign.rollout import SamplingParams
+
+        s, e = self.cfg.sampling, self.cfg.eval
+        if eval_:
+            return SamplingParams(n=1, temperature=e.temperature, top_p=s.top_p,
+                                  max_tokens=s.max_tokens, stop=tuple(s.stop),
+                                  include_stop_str_in_output=True, seed=self.cfg.seed + 10**6)
+        return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p,
+                              max_tokens=s.max_tokens, min_tokens=s.min_tokens,
+                              stop=tuple(s.stop), include_stop_str_in_output=True,
+                              seed=self.cfg.seed * 100_003 + step)
+
+    def rollout(self, step: int, n: int):
+        """The step's questions, ``n`` samples each, scored.
+
+        Returns:
+            ``(prompt_ids, completions, scores, questions)``: per rollout (group-major: the
+            ``n`` samples of a question are consecutive) the prompt's token ids, the
+            ``Completion`` and the verifier's reward dict; and the questions.
+        """
+        from jaxalign.data.prompts import format_prompt
+
+        questions = next(self.questions)
+        prompts = [format_prompt(self.cfg.data.template, q.question) for q in questions]
+        groups = self.engine.generate(prompts, self.sampling_params(step, n))
+        completions = [c for group in groups for c in group]
+        answers = [q.answer for q in questions for _ in range(n)]
+        scores = common.score([c.text for c in completions], answers, self.cfg.data.reward,
+                              self.cfg.eval.num_workers)
+        return [c.prompt_token_ids for c in completions], completions, scores, questions
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out rewards of the engine's current weights (logged as ``eval/*``)."""
+        if not self.held_out:
+            return {}
+        metrics, records = common.validate(
+            self.engine, self.held_out, template=self.cfg.data.template,
+            reward=self.cfg.data.reward, sampling=self.sampling_params(step, 1, eval_=True),
+            num_workers=self.cfg.eval.num_workers)
+        common.write_generations(self.run_dir, step, records, self.cfg.log.num_generations)
+        metrics = {"eval/" + k: v for k, v in metrics.items()}
+        self.run.log(step, metrics)
+        return metrics

@@ -1,0 +1,141 @@
+"""SFT: the loss, an end-to-end run whose loss falls, and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cfg_helpers import REPO_ROOT, load_config, shrink
+
+from jaxalign import train
+from jaxalign.algorithms import sft
+from jaxalign.algorithms.common import ConfigError
+from jaxalign.logging import read_metrics
+
+
+def test_sft_loss_is_mean_nll_of_response_tokens():
+    """Against a hand computation on a fixed 'model' (a lookup of logits)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 7)).astype(np.float32)
+    batch = {
+        "input_ids": jnp.zeros((2, 4), jnp.int32),
+        "labels": jnp.asarray([[1, 2, 3, 4], [5, 6, 0, 0]], jnp.int32),
+        "response_mask": jnp.asarray([[0, 1, 1, 1], [1, 1, 0, 0]], bool),
+    }
+    model = lambda ids: jnp.asarray(logits)  # noqa: E731
+    loss, meta = sft.sft_loss_fn()(model, batch)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.asarray(batch["labels"])[..., None], -1)[..., 0]
+    mask = np.asarray(batch["response_mask"])
+    assert float(loss) == pytest.approx(-picked[mask].mean(), rel=1e-6)
+    assert float(meta["num_response_tokens"]) == 5
+    loss_c, _ = sft.sft_loss_fn(normalize_constant=2.0)(model, batch)  # CS336's form
+    want = -np.mean([(picked[0] * mask[0]).sum() / 2, (picked[1] * mask[1]).sum() / 2])
+    assert float(loss_c) == pytest.approx(want, rel=1e-6)
+
+
+def _sft_config(tmp_path):
+    cfg = shrink(load_config("sft"), tmp_path)
+    cfg.data.source = "synthetic"
+    from jaxalign.data.synthetic import DEMO_TEMPLATE
+
+    cfg.data.template = DEMO_TEMPLATE
+    cfg.data.num_train, cfg.data.num_eval = 400, 4
+    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_buckets = 30, 16, (96,)
+    cfg.eval.every, cfg.eval.num_examples, cfg.eval.max_tokens = 0, 4, 16
+    cfg.eval.num_workers = 0
+    cfg.optim.lr = 3e-3
+    return cfg
+
+
+def test_sft_run_loss_falls_and_writes_the_run_dir(tmp_path):
+    cfg = _sft_config(tmp_path)
+    cfg.checkpoint.export_hf = True
+    summary = train.run(cfg)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    first, last = records[0]["train/loss"], records[-1]["train/loss"]
+    assert last < 0.6 * first, (first, last)
+    assert summary["eval_after"] is not None
+    for name in ("summary.json", "config.json", "curves.png", "generations.jsonl", "hf"):
+        assert (tmp_path / "run" / name).exists(), name
+    from jaxalign.models import from_pretrained
+
+    assert from_pretrained(str(tmp_path / "run" / "hf")).config.num_hidden_layers == 2
+
+
+def test_sft_config_errors(tmp_path):
+    cfg = _sft_config(tmp_path)
+    cfg.optim.grad_accum_steps = 3
+    with pytest.raises(ConfigError, match="not divisible by config.optim.grad_accum_steps=3"):
+        train.validate(cfg)
+    cfg = _sft_config(tmp_path)
+    cfg.data.source = "gsm8k"
+    cfg.data.data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="gsm8k/train.jsonl not found"):
+        train.validate(cfg)
+
+
+def test_sft_tiny_preset_trains_on_gsm8k_traces(tmp_path, shared_data):
+    cfg = shrink(load_config("sft"), tmp_path)
+    cfg.data.data_dir = str(shared_data)
+    cfg.data.num_train, cfg.data.num_eval = 64, 2
+    cfg.train.steps, cfg.train.batch_size = 4, 8
+    cfg.eval.num_examples, cfg.eval.max_tokens, cfg.eval.num_workers = 2, 8, 0
+    summary = train.run(cfg)
+    assert summary["steps"] == 4 and np.isfinite(summary["final_train_loss"])
+
+
+def _cli(workdir, steps, env):
+    return [sys.executable, "-m", "jaxalign.train", "--config", str(REPO_ROOT / "configs/sft.py"),
+            "--config.data.source=synthetic", "--config.data.num_train=400",
+            "--config.data.template=User: What is {question}?\nAssistant: <think>",
+            f"--config.train.steps={steps}", "--config.train.batch_size=16",
+            "--config.train.seq_buckets=(96,)", "--config.eval.every=0",
+            "--config.eval.num_examples=2", "--config.eval.max_tokens=8",
+            "--config.eval.num_workers=0", "--config.checkpoint.save_every=5",
+            "--config.checkpoint.async_save=False", "--config.checkpoint.export_hf=False",
+            "--config.log.wandb_mode=disabled", "--config.log.progress=False",
+            f"--config.workdir={workdir}"]
+
+
+@pytest.mark.slow
+def test_sigkilled_sft_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    steps = 60
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, steps, env), env=env, check=True, cwd=REPO_ROOT,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, steps, env), env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and any(r["step"] >= 12 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed"
+
+    subprocess.run(_cli(killed, steps, env), env=env, check=True, cwd=REPO_ROOT,
+                   capture_output=True)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert 10 <= summary["resumed_from"] < steps and summary["resumed_from"] % 5 == 0
+
+    def losses(d):  # a resumed run re-logs the steps after its checkpoint: the last wins
+        return {r["step"]: r["train/loss"] for r in read_metrics(d / "metrics.jsonl")
+                if "train/loss" in r}
+
+    want, got = losses(straight), losses(killed)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
