@@ -2,6 +2,8 @@
 
     python benchmarks/rollout.py                      # 21M model, batch 32, 64 + 128 tokens
     python benchmarks/rollout.py --preset demo        # a ~2M-parameter demo-sized model
+    python benchmarks/rollout.py --preset 1p5b --dtype bfloat16 --batch 64 --prompt 256 \
+        --new 512                                     # Qwen2.5-Math-1.5B shape, one GPU
 
 Both generate exactly ``--new`` tokens per row (no EOS), greedy and sampled
 (temperature 1); generated tokens/s are medians over ``--iters`` calls after one warm-up
@@ -31,6 +33,15 @@ PRESETS = {
         intermediate_size=1408,
         num_hidden_layers=6,
         num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
+    # Qwen2.5-Math-1.5B's shape (random weights): for a GPU.
+    "1p5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
         num_key_value_heads=2,
     ),
     "demo": dict(
