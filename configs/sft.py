@@ -6,9 +6,11 @@
     python -m jaxalign.train --config configs/sft.py:qwen2p5_math_1p5b \
         --config.model.path=/models/Qwen2.5-Math-1.5B
 
-Expected result (tiny preset): the train loss falls from ~6.2 (uniform over the byte
-vocabulary) to below 2 nats/token; held-out answer reward stays ~0 (a 0.3M-parameter model
-cannot do GSM8K). The real preset validates on GSM8K test with the verifier.
+Expected result (tiny preset; measured 2026-12-01 on the project's 2-core CPU, sharing it
+with other work): 100 steps in 4 min 45 s wall; the train loss falls from 5.59 to 3.17
+nats/token (a 0.1M-parameter character-level model learns the byte statistics of the
+traces, not arithmetic), held-out answer reward stays 0. The real preset validates on GSM8K
+test with the verifier.
 """
 
 from jaxalign.algorithms.common import base_config
@@ -31,9 +33,12 @@ def get_config(preset: str = "tiny"):
         synthetic=dict(max_steps=3, max_value=20, max_operand=9),
     )
     c.train = dict(
-        steps=200,
-        batch_size=16,  # rows per optimizer step (all processes)
-        seq_buckets=(256, 384, 512),
+        steps=100,
+        batch_size=8,  # rows per optimizer step (all processes)
+        # GSM8K traces under the r1_zero prompt are 550-1900 tokens with the byte tokenizer
+        # (one token per character, median 835). Attention cost grows with T^2, so the tiny
+        # CPU preset stops at 1024 and drops the ~20% longer rows (counted in the log).
+        seq_buckets=(640, 768, 1024),
         truncate="drop",  # over-long examples: error | right | drop (logged, never silent)
         loss_chunk_size=0,  # >0: chunked vocabulary projection (large vocabularies)
         normalize_constant=0.0,  # 0: mean NLL per response token; >0: CS336 sum / constant
@@ -48,6 +53,8 @@ def get_config(preset: str = "tiny"):
         num_workers=1,  # verifier processes
     )
     c.model.preset = "tiny"
+    c.model.arch = dict(max_position_embeddings=2048)  # room for the longest trace
+    c.model.attention_impl = "dot_product"  # XLA's fused attention: ~2x the einsums on CPU
     c.optim.lr = 1e-3
     c.optim.warmup_ratio = 0.05
     c.optim.weight_decay = 1e-4
@@ -57,6 +64,7 @@ def get_config(preset: str = "tiny"):
         pass
     elif preset == "qwen2p5_math_1p5b":
         c.model.preset = ""
+        c.model.arch = {}
         c.model.path = "Qwen/Qwen2.5-Math-1.5B"
         c.model.dtype = "bfloat16"
         c.model.param_dtype = "float32"

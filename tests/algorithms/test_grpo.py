@@ -158,6 +158,9 @@ def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monk
 def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch):
     monkeypatch.setattr(common, "score", _fake_score)
     grpo_config.grpo.old_log_probs = "engine"
+    # One update per rollout batch: the policy still equals the sampler, so every weight is 1
+    # (after an update the on-policy weight exp(policy - sampler) moves off 1, as documented).
+    grpo_config.grpo.train_batch_size = grpo_config.grpo.rollout_batch_size
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
     assert g.use_tis and not g.use_old
     metrics = g.step(1)
