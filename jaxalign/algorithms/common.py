@@ -333,48 +333,32 @@ def validate(
     sampling,
     num_workers: int,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Held-out rewards of ``engine`` on ``examples`` (``MathExample``), one sample each.
+    """Held-out rewards of ``engine`` on ``examples`` (``MathExample``), ``sampling.n`` each.
+
+    The same code as ``eval/evaluate.py`` (``jaxalign.evaluation.rollout_and_score`` and
+    ``reward_metrics``), so a checkpoint scores the same here and in an eval report.
 
     Returns:
-        ``(metrics, records)``: mean ``answer_reward`` / ``format_reward`` / ``reward`` and
-        response lengths in tokens (all, correct, incorrect); one record per example with
-        prompt, response, gold answer and rewards (for ``write_generations``).
+        ``(metrics, records)``: mean ``answer_reward`` / ``format_reward`` / ``reward``,
+        response lengths in tokens (all, correct, incorrect) and ``truncated_fraction``; one
+        record per sample with prompt, response, gold answer, extracted answer, rewards,
+        length and finish reason (for ``write_generations``).
     """
-    from jaxalign.data.prompts import format_prompt
+    from jaxalign import evaluation
 
-    prompts = [format_prompt(template, e.question) for e in examples]
-    outs = engine.generate(prompts, sampling)
-    completions = [o[0] for o in outs]
-    rewards = score([c.text for c in completions], [e.answer for e in examples], reward,
-                    num_workers)
-    records = []
-    for e, p, c, r in zip(examples, prompts, completions, rewards, strict=True):
-        records.append({
-            "source": e.source, "prompt": p, "response": c.text, "ground_truth": e.answer,
-            "reward": r["reward"], "format_reward": r["format_reward"],
-            "answer_reward": r["answer_reward"], "length": len(c.token_ids),
-            "finish_reason": c.finish_reason,
-        })
+    records = evaluation.rollout_and_score(engine, examples, template=template, reward=reward,
+                                           sampling=sampling, num_workers=num_workers)
     return summarize_rewards(records), records
 
 
 def summarize_rewards(records: Sequence[dict[str, Any]], prefix: str = "") -> dict[str, float]:
-    """Mean rewards and lengths (all / correct / incorrect) of scored responses."""
-    def mean(xs):
-        return float(np.mean(xs)) if len(xs) else float("nan")
+    """Mean rewards, lengths (all / correct / incorrect) and truncation of scored responses.
 
-    correct = [r["length"] for r in records if r["answer_reward"] > 0]
-    wrong = [r["length"] for r in records if r["answer_reward"] <= 0]
-    out = {
-        "answer_reward": mean([r["answer_reward"] for r in records]),
-        "format_reward": mean([r["format_reward"] for r in records]),
-        "reward": mean([r["reward"] for r in records]),
-        "response_length": mean(correct + wrong),
-        "response_length_correct": mean(correct),
-        "response_length_incorrect": mean(wrong),
-        "truncated_fraction": mean([r["finish_reason"] == "length" for r in records]),
-    }
-    return {prefix + k: v for k, v in out.items()}
+    ``jaxalign.evaluation.reward_metrics`` with ``prefix`` on every key.
+    """
+    from jaxalign import evaluation
+
+    return {prefix + k: v for k, v in evaluation.reward_metrics(records).items()}
 
 
 def write_generations(run_dir: Path, step: int, records: Sequence[dict[str, Any]],
