@@ -21,6 +21,12 @@ def _run(ev, out, *args):
     return ev.run(ev.parse_args([*args, "--out", str(out)]))
 
 
+@pytest.fixture(scope="session")
+def data(shared_data):
+    """``--data-dir`` of the real benchmark files (tests that need them skip without)."""
+    return ["--data-dir", str(shared_data)]
+
+
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -29,11 +35,11 @@ def _lines(path):
 
 
 @pytest.fixture(scope="module")
-def sampled(ev, tiny_dir, tmp_path_factory):
+def sampled(ev, tiny_dir, tmp_path_factory, data):
     """Two benchmarks, 3 problems, 2 samples each at temperature 1."""
     out = tmp_path_factory.mktemp("eval") / "sampled"
     args = ["--model", str(tiny_dir), "--benchmarks", "gsm8k,amc23", "--limit", "3",
-            "--n", "2", "--temperature", "1", *FAST]
+            "--n", "2", "--temperature", "1", *FAST, *data]
     return out, args, _run(ev, out, *args)
 
 
@@ -99,10 +105,10 @@ def test_resume_refuses_other_settings(ev, sampled):
         _run(ev, out, *[a if a != "1" else "0.5" for a in args])
 
 
-def test_resumed_run_samples_like_an_uninterrupted_one(ev, tiny_dir, tmp_path):
+def test_resumed_run_samples_like_an_uninterrupted_one(ev, tiny_dir, tmp_path, data):
     """Fixed batches with their own seeds: stopping after a batch changes nothing."""
     args = ["--model", str(tiny_dir), "--benchmarks", "amc23", "--temperature", "1",
-            "--batch-size", "2", *FAST]
+            "--batch-size", "2", *FAST, *data]
     _run(ev, tmp_path / "whole", *args, "--limit", "4")
     _run(ev, tmp_path / "parts", *args, "--limit", "2")
     _run(ev, tmp_path / "parts", *args, "--limit", "4")
@@ -111,7 +117,8 @@ def test_resumed_run_samples_like_an_uninterrupted_one(ev, tiny_dir, tmp_path):
     assert [r["response"] for r in parts] == [r["response"] for r in whole]
 
 
-def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, shared_data):
+def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, shared_data,
+                                                     data):
     """``common.validate`` (the training loops' eval) and the eval report agree."""
     from jaxalign.algorithms import common
     from jaxalign.data.datasets import load_benchmark
@@ -125,7 +132,7 @@ def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, sh
     metrics, records = common.validate(engine, examples, template="r1_zero", reward="r1_zero",
                                        sampling=sampling, num_workers=0)
     summary = _run(ev, tmp_path, "--model", str(tiny_dir), "--benchmarks", "gsm8k",
-                   "--limit", "3", *FAST)
+                   "--limit", "3", *FAST, *data)
     report = summary["results"]["gsm8k"]
     # (summary.json writes NaN, "no correct responses", as null)
     assert ev._finite(metrics) == {k: report[k] for k in metrics}
@@ -136,9 +143,9 @@ def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, sh
     assert [r["response"] for r in rows] == [r["response"] for r in records]
 
 
-def test_budget_forcing_sweep(ev, tiny_dir, tmp_path):
+def test_budget_forcing_sweep(ev, tiny_dir, tmp_path, data):
     summary = _run(ev, tmp_path, "--model", str(tiny_dir), "--benchmarks", "amc23",
-                   "--limit", "2", "--budget-forcing", "max_thinking=2,4", *FAST)
+                   "--limit", "2", "--budget-forcing", "max_thinking=2,4", *FAST, *data)
     assert set(summary["results"]) == {"amc23@think2", "amc23@think4"}
     assert summary["results"]["amc23@think4"]["budget"] == {"max_thinking": 4, "wait": 0}
     for name in summary["results"]:
@@ -148,7 +155,7 @@ def test_budget_forcing_sweep(ev, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sidecar_engine_matches_the_jax_engine(ev, tiny_dir, tmp_path):
+def test_sidecar_engine_matches_the_jax_engine(ev, tiny_dir, tmp_path, data):
     """``--engine sidecar:URL`` against a real sidecar subprocess (JAX backend) samples what
     ``--engine jax`` does; the tokenizer for budget forcing is the sidecar's own model's."""
     import os
@@ -166,7 +173,7 @@ def test_sidecar_engine_matches_the_jax_engine(ev, tiny_dir, tmp_path):
         # Prompts and answers must fit the tiny model's 512 positions: a short template.
         args = ["--benchmarks", "amc23", "--limit", "2", "--n", "2", "--temperature", "1",
                 "--prompt", "Q: {question} <think>", "--reward", "r1_zero",
-                "--budget-forcing", "max_thinking=3", *FAST]
+                "--budget-forcing", "max_thinking=3", *FAST, *data]
         local = _run(ev, tmp_path / "jax", "--model", str(tiny_dir), *args)
         line = proc.stdout.readline()
         assert line.startswith(LISTENING), line
@@ -205,14 +212,14 @@ def _run_dir(root, params_seed):
     return model, tokenizer
 
 
-def test_run_directory_is_restored_from_its_checkpoint(ev, tmp_path):
+def test_run_directory_is_restored_from_its_checkpoint(ev, tmp_path, data):
     from jaxalign.models import save_pretrained
 
     model, tokenizer = _run_dir(tmp_path / "run", params_seed=3)
     source = ev.resolve_model(str(tmp_path / "run"))
     assert (source.kind, source.step) == ("run", 7)
     save_pretrained(model, tmp_path / "same", tokenizer=tokenizer)
-    args = ["--benchmarks", "amc23", "--limit", "2", *FAST]
+    args = ["--benchmarks", "amc23", "--limit", "2", *FAST, *data]
     from_run = _run(ev, tmp_path / "a", "--model", str(tmp_path / "run"), *args)
     _run(ev, tmp_path / "b", "--model", str(tmp_path / "same"), *args)
     assert from_run["settings"]["model"].endswith("(checkpoint step 7)")
@@ -257,11 +264,11 @@ def _write_jsonl(path, rows):
     return path
 
 
-def test_canned_responses_give_the_hand_computed_numbers(ev, tmp_path):
+def test_canned_responses_give_the_hand_computed_numbers(ev, tmp_path, data):
     responses = _write_jsonl(tmp_path / "responses.jsonl", CANNED)
     # Through the real verifier pool (one worker process).
     summary = _run(ev, tmp_path / "out", "--responses", str(responses), "--num-workers", "1",
-                   "--no-progress")
+                   "--no-progress", *data)
     g = summary["results"]["gsm8k"]
     assert (g["examples"], g["samples"], g["accuracy"], g["format_rate"]) == (5, 5, 0.6, 0.8)
     assert g["counts"] == {"format1_answer1": 3, "format1_answer0": 1, "format0": 1}
@@ -288,11 +295,11 @@ def test_canned_responses_give_the_hand_computed_numbers(ev, tmp_path):
     # Re-scoring the run's own samples file gives the same numbers; new rows alone are scored.
     again = _run(ev, tmp_path / "rescored", "--responses",
                  str(tmp_path / "out" / "samples" / "gsm8k.jsonl"), "--num-workers", "0",
-                 "--no-progress")
+                 "--no-progress", *data)
     assert json.dumps(again["results"]["gsm8k"]) == json.dumps(g)
     _write_jsonl(responses, CANNED + [{"benchmark": "gsm8k", "index": 5, "response": "?"}])
     more = _run(ev, tmp_path / "out", "--responses", str(responses), "--num-workers", "0",
-                "--no-progress")
+                "--no-progress", *data)
     assert more["progress"]["gsm8k"] == {"generated": 1, "skipped": 5}
     assert more["results"]["gsm8k"]["samples"] == 6
 
@@ -329,12 +336,17 @@ def test_jsonl_and_hf_benchmarks_with_a_field_map(ev, tmp_path):
 # --- errors a user can hit -----------------------------------------------------------------
 
 
-def test_clear_errors(ev, tiny_dir, tmp_path):
+def _fails(ev, out, match, *args):
+    with pytest.raises(ev.EvalError, match=match):
+        _run(ev, out, *args)
+    assert not out.exists()  # nothing is written before the inputs check out
+
+
+def test_clear_errors_for_flags(ev, tiny_dir, tmp_path):
     model = ["--model", str(tiny_dir), *FAST]
 
     def fails(match, *args):
-        with pytest.raises(ev.EvalError, match=match):
-            _run(ev, tmp_path / "out", *args)
+        _fails(ev, tmp_path / "out", match, *args)
 
     fails("unknown benchmark 'gsm9k'; known: gsm8k, math500, aime24, amc23, minerva_math",
           *model, "--benchmarks", "gsm9k")
@@ -351,15 +363,23 @@ def test_clear_errors(ev, tiny_dir, tmp_path):
     fails("--budget-forcing: unknown key 'thinking'", *model, "--budget-forcing", "thinking=5")
     fails("max_thinking=N is required", *model, "--budget-forcing", "wait=1")
     fails("invalid sampling flags: top_p=0.0", *model, "--top_p", "0")
+    fails("--dtype 'fp8'; choose", *model, "--dtype", "fp8")
     fails("gsm8k/test.jsonl not found; pass --data-dir", *model, "--benchmarks", "gsm8k",
           "--data-dir", str(tmp_path))
     fails("--responses .*: no such file", "--responses", str(tmp_path / "none.jsonl"))
+
+
+def test_clear_errors_for_inputs(ev, tiny_dir, tmp_path, data):
+    model = ["--model", str(tiny_dir), *FAST, *data]
+
+    def fails(match, *args):
+        _fails(ev, tmp_path / "out", match, *args)
+
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"benchmark": "amc23", "index": 40,
                                                  "response": "x"}])
-    fails("bad.jsonl:1: index 40 is not a row of amc23", "--responses", str(bad))
+    fails("bad.jsonl:1: index 40 is not a row of amc23", "--responses", str(bad), *data)
     # These need the model loaded (no generation).
-    fails("--engine vllm needs vLLM", "--model", str(tiny_dir), "--engine", "vllm",
-          "--benchmarks", "amc23")
+    fails("--engine vllm needs vLLM", *model, "--engine", "vllm", "--benchmarks", "amc23")
     fails("the chat prompt needs a tokenizer with a chat template", *model, "--prompt", "chat",
           "--benchmarks", "amc23")
 
