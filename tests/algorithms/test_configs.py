@@ -52,5 +52,5 @@ def test_cli_rejects_unknown_fields_and_reports_config_errors(tmp_path):
     out = subprocess.run(base + ["--config.optim.grad_accum_steps=3"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert out.returncode == 2
-    assert "config error: config.train.batch_size=16 is not divisible" in out.stderr
+    assert "config error: config.train.batch_size=8 is not divisible" in out.stderr
     assert not (tmp_path / "runs").exists()  # nothing is written for a bad config
