@@ -8,10 +8,15 @@ parameter and activation rules separate lets a sampler drop FSDP without touchin
 Mesh axes: ``data`` (pure data parallel, parameters replicated), ``fsdp`` (data parallel
 with parameters, gradients and optimizer state sharded), ``tensor`` (Megatron-style heads
 and MLP sharding).
+
+Multi-process: the training mesh spans the devices of all processes (``jax.devices()``);
+``process_local_mesh`` is the slice of it one process owns, for work each process does on
+its own (sampling its share of the prompts).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -72,6 +77,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     # model and steps pin only inputs, outputs and a few activations.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def process_local_mesh(mesh: Mesh) -> Mesh:
+    """This process's devices of ``mesh`` as a mesh of their own (``mesh`` itself when local).
+
+    Keeps as much of the tensor axis as fits on the local devices (so a sampler shards heads
+    as the trainer does when tensor parallelism stays within a host); the rest is fsdp.
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    if len(local) == mesh.devices.size:
+        return mesh
+    tensor = math.gcd(mesh.shape["tensor"], len(local))
+    return make_mesh(data=1, fsdp=-1, tensor=tensor, devices=local)
 
 
 def logical_to_spec(

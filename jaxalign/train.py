@@ -9,11 +9,19 @@ The config file's ``algorithm`` field picks the loop (``ALGORITHMS``, next to ea
 below); ``--config.<field>=value`` overrides any field and unknown fields are errors. The
 config is validated before anything is built or compiled: every mistake found up front is
 a one-line ``ConfigError`` saying what to change.
+
+Multi-process (one process per host; ``launch/`` starts them): the environment names the
+coordinator (``jaxalign.distributed.initialize_from_env``) and every process runs this
+same command. They agree on one run directory (process 0's choice). A ``gs://`` workdir
+takes the checkpoints directly (orbax, written collectively); the other files of the run
+are staged in a local directory on process 0 and copied up when the run ends (or fails),
+after copying down what an earlier attempt left there, so a resumed run appends to them.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib
 import json
 import os
@@ -23,6 +31,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from jaxalign import distributed
 from jaxalign.algorithms.common import ConfigError, validate_common
 
 # The loops a config can name (each module has ``validate(cfg)`` and ``run(cfg, run_dir)``).
@@ -41,17 +50,62 @@ def validate(cfg: ml_collections.ConfigDict):
     return module
 
 
+# Where the files of a run with a remote (gs://) workdir live until they are copied up.
+STAGING_ENV = "JAXALIGN_STAGING_DIR"
+
+
+def is_remote(path: str) -> bool:
+    """A URL such as ``gs://bucket/run`` (orbax writes there; plain ``open`` cannot)."""
+    return "://" in path
+
+
+def staging_dir(workdir: str) -> Path:
+    """The local directory that holds a remote workdir's files during the run."""
+    root = Path(os.environ.get(STAGING_ENV) or "/tmp/jaxalign-staging")
+    tag = hashlib.sha1(workdir.encode()).hexdigest()[:8]
+    return root / f"{workdir.rstrip('/').rsplit('/', 1)[-1]}-{tag}"
+
+
+def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",)) -> int:
+    """Copies the files under ``src`` to ``dst`` (local paths or URLs), except ``skip``.
+
+    Returns:
+        The number of files copied.
+    """
+    from etils import epath
+
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not src.exists():
+        return 0
+    copied = 0
+    for path in src.iterdir():  # (no rglob: epath refuses "**" for GCS)
+        if path.name in skip:
+            continue
+        if path.is_dir():
+            copied += copy_tree(path, dst / path.name, skip=())
+        else:
+            dst.mkdir(parents=True, exist_ok=True)
+            path.copy(dst / path.name, overwrite=True)
+            copied += 1
+    return copied
+
+
 def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     """``cfg.workdir`` (default ``runs/<name>-<timestamp>``), with ``config.json`` written.
 
-    A ``workdir`` that already holds checkpoints is resumed by the algorithm.
+    A ``workdir`` that already holds checkpoints is resumed by the algorithm. Every process
+    gets process 0's directory (each would stamp its own time). For a remote ``workdir``
+    this is the local staging directory (``staging_dir``); process 0 first copies down
+    what an earlier attempt left in the workdir.
     """
-    workdir = cfg.workdir or os.path.join(
-        "runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    workdir = distributed.broadcast_object(
+        cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
-    run_dir = Path(workdir)
-    if jax.process_index() == 0:
+    run_dir = staging_dir(workdir) if is_remote(workdir) else Path(workdir)
+    if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        if is_remote(workdir):
+            copy_tree(workdir, run_dir)
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
 
@@ -60,7 +114,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     """Validates ``cfg`` and runs its algorithm; returns the run's summary."""
     module = validate(cfg)
     run_dir = prepare_run_dir(cfg)
-    return module.run(cfg, run_dir)
+    try:
+        return module.run(cfg, run_dir)
+    finally:
+        if is_remote(cfg.workdir) and distributed.is_main():
+            copy_tree(run_dir, cfg.workdir)
 
 
 def main(argv):
@@ -71,10 +129,13 @@ def main(argv):
     cfg = flags.FLAGS.config
     # orbax and grain narrate every save at INFO; keep the console for progress and results.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    # Multi-process runs set the coordinator in the environment (see launch/); initialise
+    # Multi-process runs describe themselves in the environment (see launch/); initialise
     # before anything asks jax about devices.
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    try:
+        distributed.initialize_from_env()
+    except ValueError as e:
+        print(f"distributed set-up error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         summary = run(cfg)
     except ConfigError as e:

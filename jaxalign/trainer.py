@@ -6,6 +6,12 @@ the step is one ``jax.jit`` over ``(params, opt_state, batch)`` with explicit sh
 batch over the data axes) and donated state buffers, so an update happens in place.
 
 Algorithms supply only ``loss_fn(model, batch) -> (loss, metrics)``.
+
+Multi-process: the mesh spans every process's devices and the step is one collective.
+A batch arrives on each process either as that process's own rows (``global_batch=False``,
+what the per-process data pipeline yields; placed with
+``jax.make_array_from_process_local_data``) or as the whole batch, identical everywhere
+(``global_batch=True``, e.g. GRPO's gathered rollouts; each device takes its slice).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -44,6 +51,24 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding | None:
         return None
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
     return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def place_rows(x, mesh, *, global_batch: bool = False) -> jax.Array:
+    """One host array -> a device array whose leading (batch) dimension is split.
+
+    ``global_batch=False``: ``x`` holds this process's rows; the global array has
+    ``process_count`` times as many. Raises ``ValueError`` when the mesh does not give each
+    process an equal, distinct block of the batch (e.g. a tensor axis spanning processes
+    while the batch axes do not): then per-process data cannot fill it.
+    """
+    if mesh is None:
+        return jnp.asarray(x)
+    sh = batch_sharding(mesh, np.ndim(x))
+    if global_batch:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    global_shape = (np.shape(x)[0] * jax.process_count(), *np.shape(x)[1:])
+    return jax.make_array_from_process_local_data(sh, np.asarray(x), global_shape)
 
 
 @dataclasses.dataclass
@@ -125,22 +150,26 @@ class Trainer:
                 eval_step, in_shardings=(param_sh, None), out_shardings=replicated
             )
 
-    def place_batch(self, batch: dict) -> dict:
-        """Host arrays -> device arrays split over the data axes."""
-        if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
-        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim)) for k, v in batch.items()}
+    def place_batch(self, batch: dict, *, global_batch: bool = False) -> dict:
+        """Host arrays -> device arrays split over the data axes.
 
-    def train_step(self, batch: dict) -> dict:
+        Args:
+            batch: ``[B_local, ...]`` arrays, this process's rows (the processes' rows in
+                process order make the global batch), or with ``global_batch`` the
+                whole ``[B, ...]`` batch, the same on every process.
+        """
+        return {k: place_rows(v, self.mesh, global_batch=global_batch) for k, v in batch.items()}
+
+    def train_step(self, batch: dict, *, global_batch: bool = False) -> dict:
         """One optimizer update (one micro-step when accumulating); returns scalar metrics."""
         self.params, self.opt_state, metrics = self._train_step(
-            self.params, self.opt_state, self.place_batch(batch)
+            self.params, self.opt_state, self.place_batch(batch, global_batch=global_batch)
         )
         self.step += 1
         return metrics
 
-    def eval_step(self, batch: dict) -> dict:
-        return self._eval_step(self.params, self.place_batch(batch))
+    def eval_step(self, batch: dict, *, global_batch: bool = False) -> dict:
+        return self._eval_step(self.params, self.place_batch(batch, global_batch=global_batch))
 
     def model(self) -> nnx.Module:
         """A model view of the current parameters (shares the arrays; no copy)."""

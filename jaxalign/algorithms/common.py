@@ -243,8 +243,11 @@ class RunState:
             run_name=self.run_dir.name,
             config=cfg.to_dict(),
         )
+        # A remote workdir (gs://): orbax writes the checkpoints there, collectively; the
+        # other files are staged in run_dir and copied up by jaxalign.train.
+        remote = "://" in cfg.workdir
         self.checkpointer = Checkpointer(
-            self.run_dir / "checkpoints",
+            cfg.workdir.rstrip("/") + "/checkpoints" if remote else self.run_dir / "checkpoints",
             max_to_keep=cfg.checkpoint.max_to_keep,
             save_every=cfg.checkpoint.save_every,
             async_save=cfg.checkpoint.async_save,
@@ -297,13 +300,15 @@ def _scalar(v: Any) -> Any:
 
 
 def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path | None:
-    """Writes the model as a HF directory (process 0 only); returns the directory."""
-    if jax.process_index() != 0:
-        return None
+    """Writes the model as a HF directory; returns it (on process 0, else None).
+
+    Every process calls this: ``save_pretrained`` gathers sharded parameters from all of
+    them (a collective) and only process 0 writes files.
+    """
     from jaxalign.models import save_pretrained
 
     save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype)
-    return Path(out_dir)
+    return Path(out_dir) if jax.process_index() == 0 else None
 
 
 # --- validation -----------------------------------------------------------------------

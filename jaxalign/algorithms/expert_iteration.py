@@ -154,8 +154,8 @@ class ExpertIteration(PolicyRun):
                 micro_batch=e.batch_size // accum, pad_id=self.pad_id,
                 width_multiple=self.cfg.train.width_multiple, epochs=e.sft_epochs,
                 seed=self.cfg.seed * 7919 + step)
-            for batch in batches:
-                results.append(self.trainer.train_step(batch))
+            for batch in batches:  # built from the gathered rollouts: the global batch
+                results.append(self.trainer.train_step(batch, global_batch=True))
             # With accumulation, micro-batches beyond the last multiple of grad_accum_steps
             # are averaged into the next step's first update (optax.MultiSteps keeps them).
             results = jax.device_get(results)

@@ -344,11 +344,14 @@ class GRPO(PolicyRun):
             batch["ref_log_probs"] = self._forward(self.ref_params, batch, micro)
 
     def _forward(self, params, batch, micro) -> np.ndarray:
+        from jaxalign.distributed import to_host
+
         out = []
-        for mb in micro_batches(batch, micro):
-            placed = self.trainer.place_batch({k: mb[k] for k in ("input_ids", "labels")})
+        for mb in micro_batches(batch, micro):  # the rollout batch is global (rollouts.py)
+            placed = self.trainer.place_batch({k: mb[k] for k in ("input_ids", "labels")},
+                                              global_batch=True)
             out.append(self.log_prob_fn(params, placed["input_ids"], placed["labels"]))
-        return np.concatenate([np.asarray(x) for x in jax.device_get(out)])
+        return np.concatenate([to_host(x) for x in out])
 
     def train_on(self, batch: dict) -> dict[str, float]:
         """``epochs_per_rollout_batch`` passes over the batch; returns mean metrics."""
@@ -357,7 +360,7 @@ class GRPO(PolicyRun):
         results = []
         for _ in range(g.epochs_per_rollout_batch):
             for mb in micro_batches(batch, micro):
-                results.append(self.trainer.train_step(mb))
+                results.append(self.trainer.train_step(mb, global_batch=True))
         results = jax.device_get(results)
         out = {f"train/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
         # Drift: the first micro-batch ran before any update, on exactly the sampled tokens.

@@ -10,6 +10,16 @@
 * ``rollout(step, n)``: a batch of questions -> ``n`` samples each -> verifier rewards, with
   sampling seeded by the step so a resumed run samples what it would have;
 * ``evaluate(step)``: held-out rewards, logged and written to ``generations.jsonl``.
+
+Multi-process: each process draws its own share of the step's questions, samples it with
+its own engine (the ``JaxEngine`` on its local devices, or its requests to the sidecars)
+and scores it; then the shares are all-gathered (host data: token ids, log-probs,
+rewards), so every process holds the whole step's rollouts in the one-process order.
+Advantages, batch widths and metrics are then computed identically everywhere, and the
+train step feeds each device its rows of that global batch. With the ``JaxEngine`` each
+row's random stream is fixed by its place in the global batch, so P processes sample
+exactly what one process would. Validation runs on every process (the same prompts and
+seeds, so the same result); only process 0 writes it.
 """
 
 from __future__ import annotations
@@ -110,6 +120,9 @@ class PolicyRun:
         check(len(self.train_questions) >= prompts_per_step,
               f"{len(self.train_questions)} training questions < the {prompts_per_step} "
               "prompts of one step")
+        check(prompts_per_step % jax.process_count() == 0,
+              f"the {prompts_per_step} questions of a step do not split evenly over the "
+              f"{jax.process_count()} processes")
         self.run = common.RunState(cfg, run_dir)
         self.resuming = self.run.checkpointer.latest_step() is not None
         self.warmstart_result: dict[str, Any] = {}
@@ -187,15 +200,31 @@ class PolicyRun:
             ``n`` samples of a question are consecutive) the prompt's token ids, the
             ``Completion`` and the verifier's reward dict; and the questions.
         """
-        from jaxalign.data.prompts import format_prompt
+        import dataclasses
 
-        questions = next(self.questions)
+        from jaxalign import distributed
+        from jaxalign.data.prompts import format_prompt
+        from jaxalign.rollout import JaxEngine
+
+        questions = next(self.questions)  # this process's share
         prompts = [format_prompt(self.cfg.data.template, q.question) for q in questions]
-        groups = self.engine.generate(prompts, self.sampling_params(step, n))
+        params = self.sampling_params(step, n)
+        if isinstance(self.engine, JaxEngine):  # rows seeded by their place in the step
+            groups = self.engine.generate(prompts, params,
+                                          prompt_offset=jax.process_index() * len(prompts))
+        else:  # sidecars seed per request: keep the processes' requests apart
+            params = dataclasses.replace(params, seed=params.seed + 1_000_003
+                                         * jax.process_index())
+            groups = self.engine.generate(prompts, params)
         completions = [c for group in groups for c in group]
         answers = [q.answer for q in questions for _ in range(n)]
         scores = common.score([c.text for c in completions], answers, self.cfg.data.reward,
                               self.cfg.eval.num_workers)
+        if jax.process_count() > 1:  # every process gets the whole step (module docstring)
+            shares = distributed.allgather_objects((questions, completions, scores))
+            questions = [q for share in shares for q in share[0]]
+            completions = [c for share in shares for c in share[1]]
+            scores = [sc for share in shares for sc in share[2]]
         return [c.prompt_token_ids for c in completions], completions, scores, questions
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -16,6 +16,17 @@ The embedded default on CPU and TPU (no extra process). Layout of a generate cal
 
 Sampled log-probs are those of the raw model distribution (temperature 1, no filtering):
 exactly what a teacher-forced forward pass of the same model gives for the same tokens.
+
+Randomness is per row: sample ``j`` of prompt ``i`` draws from
+``fold_in(key(seed), (prompt_offset + i) * n + j)``, whatever micro-batch or padding it
+lands in. So the samples do not depend on ``max_batch_size``, and processes that each
+generate their share of a global prompt batch (passing the share's offset) draw exactly
+what one process generating all of it would.
+
+Multi-process: given a mesh that spans several processes, the engine works on this
+process's devices only (``sharding.process_local_mesh``), with a full local copy of the
+weights (``update_weights`` gathers them: a collective, so every process calls it). Each
+process then samples on its own, with no cross-host traffic while decoding.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign import distributed
 from jaxalign import sharding as sharding_lib
 from jaxalign.models.qwen2 import KVCache, Qwen2ForCausalLM, abstract_model
 from jaxalign.rollout.sampling import mask_tokens, sample_tokens
@@ -50,7 +62,7 @@ class _Carry:
     lengths: jax.Array  # [B] int32, tokens generated so far (EOS included)
     done: jax.Array  # [B] bool
     step: jax.Array  # int32
-    rng: jax.Array
+    rng: jax.Array  # [B] keys, one stream per row
 
 
 def _next_pow2(x: int, minimum: int = 1) -> int:
@@ -64,7 +76,8 @@ class JaxEngine:
         model: the policy (its current parameters are used until ``update_weights``).
         tokenizer: needed for string prompts, stop strings and ``Completion.text``.
         mesh: optional mesh; parameters are placed by ``SAMPLING_RULES`` and batches are
-            split over the data axes.
+            split over the data axes. A mesh spanning several processes is cut down to
+            this process's devices.
         max_batch_size: rows per micro-batch (prompts x n).
         decode_chunk: decode steps between stop-string checks on the host.
         eos_token_ids: ids that end a completion (default: the tokenizer's EOS).
@@ -89,7 +102,7 @@ class JaxEngine:
         self.config = decode_cfg
         self.graphdef = nnx.graphdef(abstract_model(decode_cfg))
         self.tokenizer = tokenizer
-        self.mesh = mesh
+        self.mesh = mesh if mesh is None else sharding_lib.process_local_mesh(mesh)
         self.max_batch_size = max_batch_size
         self.decode_chunk = decode_chunk
         if eos_token_ids is None:
@@ -116,7 +129,8 @@ class JaxEngine:
     def _place(self, state):
         from jaxalign.trainer import shard_params
 
-        return shard_params(state, self.mesh, SAMPLING_RULES)
+        # Trainer parameters sharded over other hosts: gather a full copy here first.
+        return shard_params(distributed.local_replica(state), self.mesh, SAMPLING_RULES)
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Installs new weights: a model, an ``nnx.State`` of its params, or a HF directory.
@@ -160,8 +174,15 @@ class JaxEngine:
             raise ValueError("empty prompt")
         return ids
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """Samples ``params.n`` completions for every prompt (outer list per prompt)."""
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams, *, prompt_offset: int = 0
+    ) -> list[list[Completion]]:
+        """Samples ``params.n`` completions for every prompt (outer list per prompt).
+
+        Args:
+            prompt_offset: the index of ``prompts[0]`` in a larger batch that several
+                calls (processes) share; it only picks the rows' random streams.
+        """
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         encoded = [self._encode(p) for p in prompts]
@@ -170,13 +191,17 @@ class JaxEngine:
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
             completions = self._generate_batch(
-                [encoded[i] for i, _ in chunk], params, start // self.max_batch_size
+                [encoded[i] for i, _ in chunk],
+                params,
+                [(prompt_offset + i) * params.n + j for i, j in chunk],
             )
             for (i, j), c in zip(chunk, completions, strict=True):
                 out[i][j] = c
         return out  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, batch_index: int):
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, row_ids: list[int]
+    ) -> list[Completion]:
         b = _next_pow2(len(prompts))
         p = _next_pow2(max(len(x) for x in prompts), minimum=16)
         m = params.max_tokens
@@ -191,7 +216,9 @@ class JaxEngine:
         cache = KVCache.init(self.config, b, p + m)
         ids_d, mask_d, cache = self._shard_batch(ids), self._shard_batch(mask), cache
         logits, cache = self._prefill(self.state, ids_d, mask_d, cache)
-        rng = jax.random.fold_in(jax.random.key(params.seed), batch_index)
+        # Filler rows are done from the start: any stream will do for them.
+        ids_of_rows = np.asarray(row_ids + list(range(len(prompts), b)), np.uint32)
+        rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(params.seed), ids_of_rows)
         done = np.zeros((b,), np.bool_)
         done[len(prompts) :] = True
         carry = _Carry(
@@ -343,16 +370,20 @@ def _decode(
         logits = mask_tokens(
             c.logits, stop_ids, jnp.broadcast_to(c.step < min_tokens, c.done.shape)
         )
-        tok, _ = sample_tokens(
-            jax.random.fold_in(c.rng, c.step),
-            logits,
-            temperature,
-            top_k,
-            top_p,
-            greedy=greedy,
-            use_top_k=use_top_k,
-            use_top_p=use_top_p,
-        )
+        def sample_row(key, row_logits):  # [V] -> a token drawn from this row's stream
+            tok, _ = sample_tokens(
+                jax.random.fold_in(key, c.step),
+                row_logits[None],
+                temperature,
+                top_k,
+                top_p,
+                greedy=greedy,
+                use_top_k=use_top_k,
+                use_top_p=use_top_p,
+            )
+            return tok[0]
+
+        tok = jax.vmap(sample_row)(c.rng, logits)  # [B]
         # The reported log-prob is the model's own (before min_tokens masks EOS), so it
         # equals a teacher-forced forward pass: GRPO's ratios and drift metrics rely on it.
         raw = jax.nn.log_softmax(c.logits, axis=-1)  # [B, V] float32

@@ -1,0 +1,71 @@
+"""One process of a multi-process test run (``tests/test_multiprocess.py`` starts them).
+
+    python tests/multiprocess_worker.py WRITES.json -- --config configs/sft.py ...
+
+Runs ``python -m jaxalign.train`` with the arguments after ``--`` (the coordinator, the
+process count and id come from the environment, as ``launch/gpu_nodes.sh`` sets them),
+and around it:
+
+* records every path this process opened for writing (a ``sys.addaudithook`` hook sees
+  each Python-level ``open``) into ``WRITES.json`` when it exits, so the test can check that
+  only process 0 wrote the run's logs, plots and exports;
+* with ``JAXALIGN_TEST_FAKE_REWARD=1``, swaps the verifier for a deterministic reward a
+  random tiny model earns about half the time (an even number of "e" in the response, as
+  ``tests/algorithms/test_grpo.py`` does): with the real verifier every reward is 0, every
+  advantage is 0 and the GRPO loss is trivially 0 on every process count.
+"""
+
+import atexit
+import json
+import os
+import runpy
+import sys
+
+
+def _record_writes(out_path: str) -> None:
+    writes: list[str] = []
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def hook(event, args):
+        if event != "open" or not args or not isinstance(args[0], str | bytes | os.PathLike):
+            return
+        path, mode, flags = (list(args) + [None, None])[:3]
+        writing = (
+            any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0)
+                                                                              & write_flags)
+        )
+        if writing:
+            writes.append(os.path.abspath(os.fsdecode(path)))
+
+    sys.addaudithook(hook)
+
+    def dump():
+        seen = sorted(set(writes))
+        with open(out_path, "w") as f:
+            json.dump(seen, f)
+
+    atexit.register(dump)
+
+
+def _fake_score(responses, answers, reward, num_workers):
+    out = []
+    for r in responses:
+        ok = float(r.count("e") % 2 == 0)
+        out.append({"reward": ok, "answer_reward": ok, "format_reward": 1.0})
+    return out
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    sep = argv.index("--")
+    _record_writes(argv[0])
+    if os.environ.get("JAXALIGN_TEST_FAKE_REWARD") == "1":
+        from jaxalign.algorithms import common
+
+        common.score = _fake_score
+    sys.argv = ["jaxalign.train", *argv[sep + 1 :]]
+    runpy.run_module("jaxalign.train", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
