@@ -61,7 +61,10 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # HF directory or hub id; empty: a random ``preset``
+    # A checkpoint (HF directory or hub id). When set it wins: ``preset`` and ``arch``, which
+    # only shape a random model, are ignored, so ``--config.model.path=...`` alone switches
+    # any config from its random model to a real one.
+    c.model.path = ""
     c.model.preset = "tiny"  # random model with the byte tokenizer: tiny | small
     c.model.arch = ml_collections.ConfigDict()  # preset overrides, e.g. num_hidden_layers
     c.model.seed = 0
@@ -107,10 +110,9 @@ def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
     check(cfg.algorithm in known_algorithms,
           f"config.algorithm={cfg.algorithm!r}; choose one of {sorted(known_algorithms)}")
     m = cfg.model
-    check(bool(m.path) != bool(m.preset),
-          "set exactly one of config.model.path (HF directory or hub id) and "
-          "config.model.preset (a random model: 'tiny' or 'small'); to load a checkpoint, "
-          "also pass --config.model.preset=''")
+    check(bool(m.path) or bool(m.preset),
+          "set config.model.path (HF directory or hub id) or config.model.preset (a random "
+          "model: 'tiny' or 'small')")
     if m.path and not Path(m.path).exists() and (m.path.startswith((".", "/", "~"))
                                                  or m.path.count("/") != 1):
         raise ConfigError(f"config.model.path={m.path!r}: no such directory (and not a hub id)")
