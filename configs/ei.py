@@ -52,11 +52,17 @@ def get_config(preset: str = "demo"):
     c.checkpoint.save_every = 1
 
     if preset == "demo":
+        # The GRPO demo's task and warm start (configs/grpo.py): two-operation problems,
+        # SFT traces whose <answer> slips in half of the rows; EI keeps the verified samples.
+        c.data.synthetic.max_steps = 2
+        c.data.num_eval = 512
         c.model.preset = "small"
         c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                             max_position_embeddings=256)
         c.optim.lr = 1e-3
-        c.warmstart.sft_steps = 300
+        c.warmstart.sft_steps = 1000
+        c.warmstart.batch_size = 32
+        c.warmstart.slip_rate = 0.5
     elif preset == "qwen2p5_math_1p5b":
         c.model.preset = ""
         c.model.path = "Qwen/Qwen2.5-Math-1.5B"

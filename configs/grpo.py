@@ -10,8 +10,9 @@
     # the same with the bare-question prompt and its reward:
     python -m jaxalign.train --config configs/grpo.py:qwen2p5_math_1p5b_question_only ...
 
-Expected result (demo, this project's 2-core CPU): see README "The demo" for the numbers
-the committed command printed (held-out answer reward before and after GRPO, wall time).
+Expected result (demo, measured 2026-12-01 on this project's 2-core CPU): held-out answer
+reward 0.252 after the SFT warm start, 0.438 after 80 GRPO steps (n=512, temperature 1),
+6 min 38 s wall. README "The demo" has the curve and how the task is built.
 """
 
 from jaxalign.algorithms.common import base_config
@@ -92,13 +93,21 @@ def get_config(preset: str = "demo"):
     c.optim.weight_decay = 0.0
 
     if preset == "demo":
+        # Two-operation problems; the warm start imitates traces whose <answer> slips in half
+        # of the rows (jaxalign/data/synthetic.py): the SFT policy computes well but copies
+        # its result into <answer> unreliably, which only the verifier's reward can fix.
+        c.data.synthetic.max_steps = 2
+        c.data.num_eval = 512
         c.model.preset = "small"
         c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                             max_position_embeddings=256)
-        c.optim.lr = 1e-3
+        c.grpo.n_grpo_steps = 80
+        c.optim.lr = 1e-4  # 2e-4 and above make the tiny policy noisier, 5e-5 learns slower
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
-        c.warmstart.sft_steps = 300
+        c.warmstart.sft_steps = 1000
+        c.warmstart.batch_size = 32
+        c.warmstart.slip_rate = 0.5
     elif preset in ("qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only"):
         # CS336 assignment 5 starter settings.
         c.model.preset = ""

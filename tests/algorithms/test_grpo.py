@@ -242,3 +242,23 @@ def test_real_preset_validates_with_cs336_settings():
 
 def test_shrunk_config_is_valid(grpo_config, tmp_path):
     train.validate(shrink(grpo_config, tmp_path))
+
+
+def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monkeypatch):
+    """The demo's SFT warm start: logged to warmstart.jsonl, reported in the summary, and not
+    repeated when the run resumes (the checkpoint already holds the warm-started policy)."""
+    monkeypatch.setattr(common, "score", _fake_score)
+    grpo_config.warmstart.sft_steps, grpo_config.warmstart.batch_size = 4, 8
+    grpo_config.warmstart.slip_rate = 0.5
+    grpo_config.grpo.n_grpo_steps = 1
+    summary = train.run(grpo_config)
+    run_dir = tmp_path / "run"
+    steps = [r["step"] for r in read_metrics(run_dir / "warmstart.jsonl")]
+    assert steps == [1, 2, 3, 4] and np.isfinite(summary["warmstart_loss"])
+
+    grpo_config.grpo.n_grpo_steps = 2
+    resumed = train.run(grpo_config)
+    assert resumed["resumed_from"] == 1
+    assert [r["step"] for r in read_metrics(run_dir / "warmstart.jsonl")] == steps
+    assert resumed["warmstart_loss"] == summary["warmstart_loss"]
+    assert resumed["eval_before"] == summary["eval_before"]
