@@ -6,8 +6,9 @@
     python -m jaxalign.train --config configs/ei.py:qwen2p5_math_1p5b \
         --config.model.path=/models/Qwen2.5-Math-1.5B
 
-Expected result: the kept fraction (train/kept_fraction) and held-out answer reward rise
-over the EI steps (metrics.jsonl, curves.png).
+Expected result (demo, measured 2026-12-01 on this project's 2-core CPU): held-out answer
+reward 0.252 after the warm start, 0.330 after 10 EI steps (n=512, temperature 1); kept
+fraction 0.127 -> 0.201; 5 min 52 s wall (benchmarks/RESULTS.md).
 """
 
 from jaxalign.algorithms.common import base_config
@@ -59,7 +60,11 @@ def get_config(preset: str = "demo"):
         c.model.preset = "small"
         c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                             max_position_embeddings=256)
-        c.optim.lr = 1e-3
+        # A fresh AdamW's first steps move every weight by ~lr: 1e-3 undoes the warm start.
+        c.optim.lr = 1e-4
+        c.ei.n_ei_steps = 10
+        c.ei.sft_epochs = 2
+        c.eval.every = 2
         c.warmstart.sft_steps = 1000
         c.warmstart.batch_size = 32
         c.warmstart.slip_rate = 0.5

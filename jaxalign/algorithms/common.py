@@ -317,10 +317,10 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path 
 
 
 def reward_function(name: str) -> Callable[..., dict]:
-    """The verifier reward that goes with a prompt template."""
-    from jaxalign.verify import question_only_reward_fn, r1_zero_reward_fn
+    """The verifier reward that goes with a prompt template (``evaluation.REWARDS``)."""
+    from jaxalign.evaluation import REWARDS
 
-    return {"r1_zero": r1_zero_reward_fn, "question_only": question_only_reward_fn}[name]
+    return REWARDS[name]
 
 
 def score(responses: Sequence[str], answers: Sequence[Any], reward: str, num_workers: int):
