@@ -2,6 +2,7 @@
 
     python benchmarks/sidecar_reload.py                          # ~100M params, fp32 export
     python benchmarks/sidecar_reload.py --export-dtype bfloat16  # half the bytes (vLLM's)
+    python benchmarks/sidecar_reload.py --size 21m               # or 400m: time vs size
 
 Starts ``python -m jaxalign.rollout.server --backend jax`` on a random ~100M-parameter
 Qwen2 (hidden 768, 12 layers, 12 / 4 heads, MLP 2048, vocab 32768, tied embeddings), then
@@ -33,25 +34,26 @@ from jaxalign.models.qwen2 import Qwen2Config
 from jaxalign.rollout.client import SidecarEngine
 from jaxalign.rollout.server import LISTENING
 
-CONFIG = dict(
-    vocab_size=32768,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
+# Random Qwen2 shapes by size; "100m" is the default (hidden 768, 12 layers, vocab 32768).
+_BASE = dict(max_position_embeddings=2048, tie_word_embeddings=True)
+SIZES = {
+    "21m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=2, **_BASE),
+    "100m": dict(vocab_size=32768, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, **_BASE),
+    "400m": dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096,
+                 num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, **_BASE),
+}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--export-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--size", default="100m", choices=sorted(SIZES))
     args = ap.parse_args()
 
-    cfg = Qwen2Config(**CONFIG)
+    cfg = Qwen2Config(**SIZES[args.size])
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "start"
         save_pretrained(init_model(cfg, seed=0), model_dir, tokenizer=byte_tokenizer())
