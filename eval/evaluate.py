@@ -383,31 +383,12 @@ def load_model(source: ModelSource, dtype: str):
 
 def restore_run(run_dir: Path, step: int, dtype: str):
     """The policy of ``run_dir`` at checkpoint ``step``: ``(model, tokenizer)``."""
-    import jax
-    import ml_collections
-    import orbax.checkpoint as ocp
-    from flax import nnx
+    from jaxalign.checkpoint import restore_policy
 
-    from jaxalign.algorithms.common import build_model_and_tokenizer
-
-    run_cfg = json.loads((run_dir / "config.json").read_text())
-    if "model" not in run_cfg:
-        raise EvalError(f"--model {run_dir}: config.json has no model block (not a jaxalign run)")
-    model_cfg = ml_collections.ConfigDict(run_cfg["model"])
-    model_cfg.dtype = dtype  # compute dtype only: params keep the run's dtype, as saved
-    model, tokenizer = build_model_and_tokenizer(model_cfg)
-    params = nnx.state(model, nnx.Param)
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                     sharding=x.sharding),
-                                     params)}
-    manager = ocp.CheckpointManager(os.path.abspath(run_dir / "checkpoints"))
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-    finally:
-        manager.close()
-    nnx.update(model, restored["state"]["params"])
+        model, tokenizer, _ = restore_policy(run_dir, step, dtype)
+    except ValueError as e:
+        raise EvalError(f"--model {run_dir}: {e}") from None
     return model, tokenizer
 
 

@@ -5,7 +5,12 @@ collectively by every process, restored onto whatever mesh the restoring run use
 JSON record of everything else a run needs to continue bit-for-bit: the step, the data
 iterator state, the RNG seed/counters and free-form metadata.
 
-HF export of any step is ``jaxalign.models.save_pretrained`` on ``trainer.model()``.
+HF export of any step of a finished (or running) run, from the shell::
+
+    python -m jaxalign.checkpoint export runs/grpo-20261201-120000 --step 40 --out /tmp/hf40
+
+(``restore_policy`` rebuilds the model from the run's ``config.json`` and reads only the
+parameters of that step; ``jaxalign.models.save_pretrained`` writes the HF directory).
 """
 
 from __future__ import annotations
@@ -115,3 +120,102 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+    """The steps saved under ``run_dir/checkpoints`` (ascending; empty if none)."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: str | None = None):
+    """The policy of a training run at checkpoint ``step`` (default: the latest).
+
+    The model is rebuilt from the run's ``config.json`` (its ``model`` block: a checkpoint
+    path or a random preset with the byte tokenizer); only the parameters of ``step`` are
+    read, not the optimizer state.
+
+    Args:
+        run_dir: a run directory (``config.json`` and ``checkpoints/``).
+        step: the checkpoint step; None picks the latest.
+        dtype: compute dtype to build the model with (default: the run's); parameters keep
+            the dtype they were saved in.
+
+    Returns:
+        ``(model, tokenizer, step)``.
+
+    Raises:
+        ValueError: not a run directory, no checkpoint, or no checkpoint at ``step``.
+    """
+    import json
+
+    import ml_collections
+    from flax import nnx
+
+    from jaxalign.algorithms.common import build_model_and_tokenizer
+
+    run_dir = os.path.abspath(run_dir)
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{run_dir}: no config.json (not a jaxalign run directory)")
+    run_cfg = json.loads(open(config_path).read())
+    if "model" not in run_cfg:
+        raise ValueError(f"{config_path} has no model block (not a jaxalign run)")
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise ValueError(f"{run_dir}/checkpoints holds no checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{run_dir}/checkpoints has no step {step}; saved steps: {steps}")
+    model_cfg = ml_collections.ConfigDict(run_cfg["model"])
+    if dtype is not None:
+        model_cfg.dtype = dtype
+    model, tokenizer = build_model_and_tokenizer(model_cfg)
+    params = nnx.state(model, nnx.Param)
+    target = {"params": _abstract(params)}
+    manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+    finally:
+        manager.close()
+    nnx.update(model, restored["state"]["params"])
+    return model, tokenizer, step
+
+
+def main(argv=None) -> None:
+    """``python -m jaxalign.checkpoint export RUN_DIR [--step N] --out DIR [--dtype bfloat16]``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m jaxalign.checkpoint",
+                                 description="Export a training run's checkpoint as a HF "
+                                 "directory (transformers and vLLM load it).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write checkpoint STEP of RUN_DIR as a HF directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", type=int, default=None, help="default: the latest")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="dtype of the written weights (default: as trained)")
+    args = ap.parse_args(argv)
+    from jaxalign.models import save_pretrained
+
+    try:
+        model, tokenizer, step = restore_policy(args.run_dir, args.step)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    import jax.numpy as jnp
+
+    save_pretrained(model, args.out, tokenizer=tokenizer,
+                    dtype=None if args.dtype is None else jnp.dtype(args.dtype))
+    print(f"wrote step {step} of {args.run_dir} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

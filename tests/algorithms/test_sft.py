@@ -139,3 +139,36 @@ def test_sigkilled_sft_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     assert sorted(got) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_any_checkpoint_step_exports_to_a_hf_directory(tmp_path, capsys):
+    """``python -m jaxalign.checkpoint export RUN --step N``: the last step equals the run's
+    own ``hf/`` export, an earlier step differs, a missing step is refused by name."""
+    from jaxalign import checkpoint
+    from jaxalign.models import from_pretrained
+
+    cfg = _sft_config(tmp_path)
+    cfg.train.steps, cfg.checkpoint.save_every, cfg.checkpoint.max_to_keep = 6, 3, 3
+    cfg.checkpoint.export_hf = True
+    train.run(cfg)
+    run_dir = tmp_path / "run"
+    assert checkpoint.checkpoint_steps(run_dir) == [3, 6]
+    for step in (3, 6):
+        checkpoint.main(["export", str(run_dir), "--step", str(step),
+                         "--out", str(tmp_path / f"hf{step}")])
+
+    def weights(d):
+        import jax
+        from flax import nnx
+
+        return jax.tree.leaves(nnx.state(from_pretrained(str(d)), nnx.Param))
+
+    final = weights(run_dir / "hf")
+    six, three = weights(tmp_path / "hf6"), weights(tmp_path / "hf3")
+    assert all(np.array_equal(a, b) for a, b in zip(final, six, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(final, three, strict=True))
+    with pytest.raises(SystemExit) as e:
+        checkpoint.main(["export", str(run_dir), "--step", "4", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "no step 4; saved steps: [3, 6]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
