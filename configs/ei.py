@@ -11,6 +11,7 @@ reward 0.252 after the warm start, 0.330 after 10 EI steps (n=512, temperature 1
 fraction 0.127 -> 0.201; 5 min 52 s wall (benchmarks/RESULTS.md).
 """
 
+from jaxalign.algorithms import common
 from jaxalign.algorithms.common import base_config
 from jaxalign.data.synthetic import DEMO_TEMPLATE
 
@@ -53,27 +54,14 @@ def get_config(preset: str = "demo"):
     c.checkpoint.save_every = 1
 
     if preset == "demo":
-        # The GRPO demo's task and warm start (configs/grpo.py): two-operation problems,
-        # SFT traces whose <answer> slips in half of the rows; EI keeps the verified samples.
-        c.data.synthetic.max_steps = 2
-        c.data.num_eval = 512
-        c.model.preset = "small"
-        c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                            max_position_embeddings=256)
+        common.demo_task(c)  # the GRPO demo's task and warm start; EI keeps verified samples
         # A fresh AdamW's first steps move every weight by ~lr: 1e-3 undoes the warm start.
         c.optim.lr = 1e-4
         c.ei.n_ei_steps = 10
         c.ei.sft_epochs = 2
         c.eval.every = 2
-        c.warmstart.sft_steps = 1000
-        c.warmstart.batch_size = 32
-        c.warmstart.slip_rate = 0.5
     elif preset == "qwen2p5_math_1p5b":
-        c.model.preset = ""
-        c.model.path = "Qwen/Qwen2.5-Math-1.5B"
-        c.model.dtype = "bfloat16"
-        c.model.attention_impl = "cudnn"
-        c.model.remat = "full"
+        common.qwen2p5_math_1p5b_model(c)
         c.data.source = "gsm8k"
         c.data.template = "r1_zero"
         c.data.num_train = 0
@@ -85,7 +73,6 @@ def get_config(preset: str = "demo"):
         c.optim.lr = 1e-5
         c.optim.grad_accum_steps = 8
         c.sampling.max_tokens = 1024
-        c.train.loss_chunk_size = 512
         c.train.width_multiple = 256
         c.eval.num_workers = 8
     else:

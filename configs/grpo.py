@@ -15,6 +15,7 @@ reward 0.252 after the SFT warm start, 0.438 after 80 GRPO steps (n=512, tempera
 6 min 38 s wall. README "The demo" has the curve and how the task is built.
 """
 
+from jaxalign.algorithms import common
 from jaxalign.algorithms.common import base_config
 from jaxalign.data.synthetic import DEMO_TEMPLATE
 
@@ -93,28 +94,14 @@ def get_config(preset: str = "demo"):
     c.optim.weight_decay = 0.0
 
     if preset == "demo":
-        # Two-operation problems; the warm start imitates traces whose <answer> slips in half
-        # of the rows (jaxalign/data/synthetic.py): the SFT policy computes well but copies
-        # its result into <answer> unreliably, which only the verifier's reward can fix.
-        c.data.synthetic.max_steps = 2
-        c.data.num_eval = 512
-        c.model.preset = "small"
-        c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                            max_position_embeddings=256)
+        common.demo_task(c)
         c.grpo.n_grpo_steps = 80
         c.optim.lr = 1e-4  # 2e-4 and above make the tiny policy noisier, 5e-5 learns slower
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
-        c.warmstart.sft_steps = 1000
-        c.warmstart.batch_size = 32
-        c.warmstart.slip_rate = 0.5
     elif preset in ("qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only"):
         # CS336 assignment 5 starter settings.
-        c.model.preset = ""
-        c.model.path = "Qwen/Qwen2.5-Math-1.5B"
-        c.model.dtype = "bfloat16"
-        c.model.attention_impl = "cudnn"
-        c.model.remat = "full"
+        common.qwen2p5_math_1p5b_model(c)
         c.data.source = "math"
         c.data.template = "r1_zero"
         c.data.num_train = 0
@@ -133,7 +120,6 @@ def get_config(preset: str = "demo"):
         c.sampling.temperature = 1.0
         c.sampling.min_tokens = 4
         c.sampling.max_tokens = 1024
-        c.train.loss_chunk_size = 512
         c.train.width_multiple = 256
         c.engine.max_batch_size = 256
         c.eval.every = 5

@@ -13,6 +13,7 @@ traces, not arithmetic), held-out answer reward stays 0. The real preset validat
 test with the verifier.
 """
 
+from jaxalign.algorithms import common
 from jaxalign.algorithms.common import base_config
 
 
@@ -63,17 +64,10 @@ def get_config(preset: str = "tiny"):
     if preset == "tiny":
         pass
     elif preset == "qwen2p5_math_1p5b":
-        c.model.preset = ""
-        c.model.arch = {}
-        c.model.path = "Qwen/Qwen2.5-Math-1.5B"
-        c.model.dtype = "bfloat16"
-        c.model.param_dtype = "float32"
-        c.model.attention_impl = "cudnn"
-        c.model.remat = "full"
+        common.qwen2p5_math_1p5b_model(c)
         c.train.steps = 1000
         c.train.batch_size = 64
         c.train.seq_buckets = (512, 1024, 2048)
-        c.train.loss_chunk_size = 512
         c.optim.lr = 1e-5
         c.optim.grad_accum_steps = 8
         c.eval.every = 200

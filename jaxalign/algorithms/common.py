@@ -105,6 +105,35 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     return c
 
 
+def demo_task(c: ml_collections.ConfigDict) -> None:
+    """The CPU demo's policy, task and warm start, shared by ``configs/grpo.py`` and
+    ``configs/ei.py`` so both start from the same SFT policy.
+
+    Two-operation problems; the warm start imitates traces whose ``<answer>`` slips in half
+    of the rows (``jaxalign/data/synthetic.py``): the SFT policy computes well but copies
+    its result into ``<answer>`` unreliably, which only the verifier's reward can fix.
+    """
+    c.data.synthetic.max_steps = 2
+    c.data.num_eval = 512
+    c.model.preset = "small"
+    c.model.arch = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        max_position_embeddings=256)
+    c.warmstart.sft_steps = 1000
+    c.warmstart.batch_size = 32
+    c.warmstart.slip_rate = 0.5
+
+
+def qwen2p5_math_1p5b_model(c: ml_collections.ConfigDict) -> None:
+    """Qwen2.5-Math-1.5B for one GPU: bf16 compute, cuDNN attention, per-layer remat,
+    chunked vocabulary projection (the real presets of every config share this)."""
+    c.model.preset = ""
+    c.model.path = "Qwen/Qwen2.5-Math-1.5B"
+    c.model.dtype = "bfloat16"
+    c.model.attention_impl = "cudnn"
+    c.model.remat = "full"
+    c.train.loss_chunk_size = 512
+
+
 def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
     """Checks every algorithm shares, before anything is compiled."""
     check(cfg.algorithm in known_algorithms,
@@ -299,6 +328,12 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, jax.Array | np.ndarray | np.generic):
         return float(np.asarray(v))
     return v
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json`` of a run (process 0)."""
+    if jax.process_index() == 0:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path | None:

@@ -19,7 +19,6 @@ by default), as in CS336's expert-iteration experiment.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,6 +214,5 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }
-    if jax.process_index() == 0:
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    common.write_summary(run_dir, summary)
     return summary

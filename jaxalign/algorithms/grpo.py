@@ -40,7 +40,6 @@ reward before and after GRPO.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -480,8 +479,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }
+    common.write_summary(run_dir, summary)
     if jax.process_index() == 0:
-        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         print_table(summary)
     return summary
 
