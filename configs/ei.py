@@ -7,8 +7,8 @@
         --config.model.path=/models/Qwen2.5-Math-1.5B
 
 Expected result (demo, measured 2026-12-01 on this project's 2-core CPU): held-out answer
-reward 0.252 after the warm start, 0.330 after 10 EI steps (n=512, temperature 1); kept
-fraction 0.127 -> 0.201; 5 min 52 s wall (benchmarks/RESULTS.md).
+reward 0.309 after the warm start, 0.326 after 10 EI steps (n=512, temperature 1); kept
+fraction 0.137 -> 0.178; 6 min 53 s wall (benchmarks/RESULTS.md).
 """
 
 from jaxalign.algorithms import common

@@ -374,15 +374,23 @@ class GRPO(PolicyRun):
         prompt_ids, completions, scores, _ = self.rollout(step, self.cfg.grpo.group_size)
         t_rollout = time.perf_counter() - t0
         batch, metrics = self.make_batch(prompt_ids, completions, scores)
+        t_batch = time.perf_counter()
         self.add_old_log_probs(batch)
         t1 = time.perf_counter()
         metrics.update(self.train_on(batch))
         t_train = time.perf_counter() - t1
+        t2 = time.perf_counter()
         self.engine.update_weights(self.trainer.model())
+        t_sync = time.perf_counter() - t2
         n_tokens = sum(len(c.token_ids) for c in completions)
+        # The step's wall time by phase; rollout_s = generate_s + score_s + gather_s.
+        metrics.update({f"time/{k}": v for k, v in self.rollout_times.items()})
         metrics.update({
             "time/rollout_s": t_rollout,
+            "time/batch_s": t_batch - t0 - t_rollout,
+            "time/old_log_probs_s": t1 - t_batch,
             "time/train_s": t_train,
+            "time/weight_sync_s": t_sync,
             "time/step_s": time.perf_counter() - t0,
             "time/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
             "time/train_tokens_per_s": batch["input_ids"].size

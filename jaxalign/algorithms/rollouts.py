@@ -209,6 +209,7 @@ class PolicyRun:
         questions = next(self.questions)  # this process's share
         prompts = [format_prompt(self.cfg.data.template, q.question) for q in questions]
         params = self.sampling_params(step, n)
+        t0 = time.perf_counter()
         if isinstance(self.engine, JaxEngine):  # rows seeded by their place in the step
             groups = self.engine.generate(prompts, params,
                                           prompt_offset=jax.process_index() * len(prompts))
@@ -217,14 +218,19 @@ class PolicyRun:
                                          * jax.process_index())
             groups = self.engine.generate(prompts, params)
         completions = [c for group in groups for c in group]
+        t1 = time.perf_counter()
         answers = [q.answer for q in questions for _ in range(n)]
         scores = common.score([c.text for c in completions], answers, self.cfg.data.reward,
                               self.cfg.eval.num_workers)
+        t2 = time.perf_counter()
         if jax.process_count() > 1:  # every process gets the whole step (module docstring)
             shares = distributed.allgather_objects((questions, completions, scores))
             questions = [q for share in shares for q in share[0]]
             completions = [c for share in shares for c in share[1]]
             scores = [sc for share in shares for sc in share[2]]
+        # Where the rollout's time went (seconds): read by the loops' timing metrics.
+        self.rollout_times = {"generate_s": t1 - t0, "score_s": t2 - t1,
+                              "gather_s": time.perf_counter() - t2}
         return [c.prompt_token_ids for c in completions], completions, scores, questions
 
     def evaluate(self, step: int) -> dict[str, float]:

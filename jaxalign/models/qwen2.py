@@ -386,29 +386,32 @@ class Attention(nnx.Module):
             (n, h), (d,), ("heads", "head_dim"), ("embed",), use_bias=False, cfg=cfg, rngs=rngs
         )
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, fresh=False):
         """x [B, T, D], cos/sin [B, T, H], mask [B, 1, T, S] bool -> ([B, T, D], kv).
 
-        Without ``kv`` the keys are this call's own tokens (S == T). With ``kv`` (a pair of
-        [B, K, S, H] cache arrays) this call's keys and values are written at slots
-        ``[index, index + T)`` and the queries attend over the whole cache.
+        Without ``kv`` the keys are this call's own tokens (S == T). With ``kv`` (the
+        layer's ``KVCache`` arrays: keys [B, K, H, S], values [B, K, S, H]) this call's keys
+        and values are written at slots ``[index, index + T)`` and the queries attend over
+        the whole cache; with ``fresh`` (an empty cache, ``index`` 0) they attend over this
+        call's tokens only and ``mask`` is [B, 1, T, T].
         """
         q = rope.apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
         k = rope.apply_rope(self.k_proj(x), cos, sin)  # [B, T, K, H]
         v = self.v_proj(x)  # [B, T, K, H]
         if kv is not None:
-            # The cache is [B, K, S, H], the layout the score and value matmuls batch over,
-            # so decoding never transposes (copies) the whole cache; only the new T slots.
+            # Only the new T slots are transposed into the cache layout, never the cache.
             k_cache, v_cache = kv
-            k_new = jnp.swapaxes(k, 1, 2).astype(k_cache.dtype)  # [B, K, T, H]
-            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, index, 0))
+            k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, K, H, T]
+            v_new = jnp.swapaxes(v, 1, 2).astype(v_cache.dtype)  # [B, K, T, H]
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
             kv = (k_cache, v_cache)
-            if self.cfg.attention_impl == "xla":
-                out = attend_kv_major(q, k_cache, v_cache, mask)
+            if fresh:
+                out = attend(q, k, v, mask, impl=self.cfg.attention_impl)
+            elif self.cfg.attention_impl == "xla":
+                out = attend_cached(q, k_cache, v_cache, mask)
             else:
-                k, v = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+                k, v = jnp.transpose(k_cache, (0, 3, 1, 2)), jnp.swapaxes(v_cache, 1, 2)
                 out = attend(q, k, v, mask, impl=self.cfg.attention_impl)
         else:
             out = attend(q, k, v, mask, impl=self.cfg.attention_impl)  # [B, T, N, H]
@@ -432,14 +435,22 @@ def attend(q, k, v, mask, *, impl: str = "xla"):
     if impl != "xla":
         implementation = "cudnn" if impl == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    return attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h) * jnp.asarray(h**-0.5, q.dtype)  # [B, T, K, G, H]
+    # Scores accumulate in fp32 whatever the compute dtype.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
 
 
-def attend_kv_major(q, k, v, mask):
-    """The plain XLA attention on keys/values laid out [B, K, S, H] (the KV-cache layout).
+def attend_cached(q, k, v, mask):
+    """The plain XLA attention over a ``KVCache`` layer (keys [B, K, H, S], values [B, K, S, H]).
 
     Args:
-        q: [B, T, N, H]; k, v: [B, K, S, H]; mask: [B, 1, T, S] bool.
+        q: [B, T, N, H]; k: [B, K, H, S]; v: [B, K, S, H]; mask: [B, 1, T, S] bool.
 
     Returns:
         [B, T, N, H] in the dtype of ``q``.
@@ -448,17 +459,17 @@ def attend_kv_major(q, k, v, mask):
     kv = k.shape[1]
     q = q.reshape(b, t, kv, n // kv, h) * jnp.asarray(h**-0.5, q.dtype)  # [B, T, K, G, H]
     if t == 1:
-        # One query (decoding): a broadcast multiply-and-reduce reads the cache once and
-        # fuses into a single loop; as a batched matmul with [G, H] x [H, S] blocks, XLA's
-        # CPU backend ran it ~4x slower (benchmarks/rollout.py).
+        # One query (decoding): broadcast multiply-and-reduce in fp32, which reads the
+        # cache once. The score reduction runs over H with the slots S contiguous (the
+        # reason keys are stored [B, K, H, S]); on XLA's CPU backend that beats reducing
+        # over a contiguous H (benchmarks/decode_ops.py).
         q1 = q[:, 0].astype(jnp.float32)  # [B, K, G, H]
-        scores = jnp.sum(q1[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)
+        scores = jnp.sum(q1[..., None] * k[:, :, None].astype(jnp.float32), axis=-2)
         scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, S]
         out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=-2)
         return out.astype(v.dtype).reshape(b, 1, n, h)
-    # Scores accumulate in fp32 whatever the compute dtype.
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
@@ -487,8 +498,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):  # [B, T, D]
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, fresh=False):  # [B, T, D]
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index, fresh)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -506,12 +517,16 @@ class Qwen2Model(nnx.Module):
         )
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, not a parameter
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(
+        self, input_ids, attention_mask=None, positions=None, cache=None, fresh_cache=False
+    ):
         """input_ids [B, T] -> hidden states [B, T, D] (after the final norm).
 
         With a ``KVCache`` returns ``(hidden, new_cache)``: the tokens are appended at the
         cache's next slot, attend to everything valid before them, and positions continue
-        from each row's ``next_pos``.
+        from each row's ``next_pos``. ``fresh_cache=True`` promises an empty cache (a
+        prefill): the tokens go to slots ``[0, T)`` and attend among themselves only, not
+        over all S slots.
         """
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
@@ -538,7 +553,7 @@ class Qwen2Model(nnx.Module):
         cos, sin = rope.rope_cos_sin(positions, inv_freq, self.attention_scaling)
 
         window = cfg.sliding_window if cfg.use_sliding_window and cfg.sliding_window else None
-        if cache is None:
+        if cache is None or fresh_cache:
             key_mask, index = attention_mask, 0
         else:
             index = cache.index
@@ -557,7 +572,8 @@ class Qwen2Model(nnx.Module):
             if cache is None:
                 x = _run_layer(layer, x, cos, sin, mask, cfg.remat)
             else:
-                x, (k, v) = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), index)
+                kv = (cache.k[i], cache.v[i])
+                x, (k, v) = layer(x, cos, sin, mask, kv, index, fresh_cache)
                 new_k.append(k)
                 new_v.append(v)
         x = self.norm(x)
@@ -566,7 +582,11 @@ class Qwen2Model(nnx.Module):
         return x, KVCache(
             k=tuple(new_k),
             v=tuple(new_v),
-            mask=key_mask,
+            mask=(
+                jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, 0))
+                if fresh_cache
+                else key_mask
+            ),
             index=cache.index + t,
             next_pos=cache.next_pos + attention_mask.sum(-1, dtype=jnp.int32),
         )
@@ -682,8 +702,9 @@ class KVCache:
     next position id (its count of real tokens so far).
 
     Attributes:
-        k, v: tuples over layers of [B, K, S, H] arrays in the compute dtype (heads before
-            slots: the layout the attention matmuls batch over).
+        k: tuple over layers of [B, K, H, S] key arrays in the compute dtype (slots last:
+            decoding reduces scores over H with S contiguous, see ``attend_cached``).
+        v: tuple over layers of [B, K, S, H] value arrays.
         mask: [B, S] bool, valid key slots.
         index: int32 scalar, the next slot to write.
         next_pos: [B] int32.
@@ -698,11 +719,11 @@ class KVCache:
     @classmethod
     def init(cls, cfg: Qwen2Config, batch: int, size: int, dtype=None) -> KVCache:
         dtype = cfg.dtype if dtype is None else dtype
-        shape = (batch, cfg.num_key_value_heads, size, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        k_shape = (batch, cfg.num_key_value_heads, cfg.head_dim, size)
+        v_shape = (batch, cfg.num_key_value_heads, size, cfg.head_dim)
         return cls(
-            k=zeros,
-            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)),
+            k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_hidden_layers)),
+            v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_hidden_layers)),
             mask=jnp.zeros((batch, size), jnp.bool_),
             index=jnp.zeros((), jnp.int32),
             next_pos=jnp.zeros((batch,), jnp.int32),

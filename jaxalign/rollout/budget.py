@@ -98,6 +98,10 @@ def generate_with_budget(
                 ids = [t for t in c.token_ids if t < vocab]
                 if c.stop_reason == budget.end_think:
                     ids = encode(c.text)  # the stop string's token may be cut: re-encode text
+                elif isinstance(c.stop_reason, int) and ids and ids[-1] == c.stop_reason:
+                    # An end-of-sequence token ended thinking: a natural end, like the
+                    # delimiter. It is not fed back (the continuation would follow an EOS).
+                    ids = ids[:-1]
                 context[r] += ids
                 thinking_used[r] += len(c.token_ids)
                 if c.finish_reason == "stop" and waits_left[r] > 0:

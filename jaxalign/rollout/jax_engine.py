@@ -6,8 +6,8 @@ The embedded default on CPU and TPU (no extra process). Layout of a generate cal
    at most ``max_batch_size`` rows; each micro-batch is left-padded to a power-of-two
    length bucket and its row count to a power of two, so the jitted functions see a
    bounded set of shapes (logged as ``num_compiles``).
-2. ``_prefill`` runs the prompt through the model, filling a preallocated KV cache of
-   ``prompt bucket + max_tokens`` slots.
+2. ``_prefill`` runs the prompt through the model, filling a KV cache of
+   ``prompt bucket + max_tokens`` slots (allocated inside the jitted call).
 3. ``_decode`` is a ``lax.while_loop`` that samples a token, appends it and stops early when
    every row has finished. With stop strings it runs in chunks of ``decode_chunk`` steps;
    between chunks the host decodes the new text of unfinished rows and ends those whose
@@ -45,7 +45,7 @@ from flax import nnx
 from jaxalign import distributed
 from jaxalign import sharding as sharding_lib
 from jaxalign.models.qwen2 import KVCache, Qwen2ForCausalLM, abstract_model
-from jaxalign.rollout.sampling import mask_tokens, sample_tokens
+from jaxalign.rollout.sampling import mask_tokens, sample_tokens, token_logprobs
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 
 # Sampling keeps parameters replicated over fsdp (each step needs whole weights) but may
@@ -116,7 +116,9 @@ class JaxEngine:
         self.pad_token_id = int(pad_token_id)
         self.weights_version = 0
         self.state = self._place(nnx.state(model, nnx.Param))
-        self._prefill = jax.jit(functools.partial(_prefill, self.graphdef), donate_argnums=(3,))
+        self._prefill = jax.jit(
+            functools.partial(_prefill, self.graphdef), static_argnames=("max_tokens", "pad_id")
+        )
         self._decode = jax.jit(
             functools.partial(_decode, self.graphdef),
             static_argnames=("greedy", "use_top_k", "use_top_p"),
@@ -213,23 +215,19 @@ class JaxEngine:
         mask[len(prompts) :, -1] = True  # filler rows: one dummy token so they are well-defined
         self.shapes_seen.add((b, p, m))
 
-        cache = KVCache.init(self.config, b, p + m)
-        ids_d, mask_d, cache = self._shard_batch(ids), self._shard_batch(mask), cache
-        logits, cache = self._prefill(self.state, ids_d, mask_d, cache)
         # Filler rows are done from the start: any stream will do for them.
         ids_of_rows = np.asarray(row_ids + list(range(len(prompts), b)), np.uint32)
-        rng = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(params.seed), ids_of_rows)
         done = np.zeros((b,), np.bool_)
         done[len(prompts) :] = True
-        carry = _Carry(
-            cache=cache,
-            logits=logits,
-            tokens=jnp.full((b, m), self.pad_token_id, jnp.int32),
-            logprobs=jnp.zeros((b, m), jnp.float32),
-            lengths=jnp.zeros((b,), jnp.int32),
-            done=jnp.asarray(done),
-            step=jnp.zeros((), jnp.int32),
-            rng=rng,
+        carry = self._prefill(
+            self.state,
+            self._shard_batch(ids),
+            self._shard_batch(mask),
+            jax.random.key(params.seed),
+            self._shard_batch(ids_of_rows),
+            self._shard_batch(done),
+            max_tokens=m,
+            pad_id=self.pad_token_id,
         )
         stop_ids = jnp.asarray(self.eos_token_ids + params.stop_token_ids or (-1,), jnp.int32)
         scalars = (
@@ -349,11 +347,27 @@ class JaxEngine:
         return len(self.shapes_seen)
 
 
-def _prefill(graphdef, state, ids, mask, cache):
-    """ids, mask [B, P] -> (next-token logits [B, V] float32, filled cache)."""
+def _prefill(graphdef, state, ids, mask, seed_key, row_ids, done, *, max_tokens, pad_id):
+    """Runs the prompts ids, mask [B, P] into a fresh cache -> the decode loop's start.
+
+    Row ``r`` draws from ``fold_in(seed_key, row_ids[r])``; ``done`` [B] marks filler rows.
+    Only the last position goes through the LM head (its logits are all decoding needs).
+    """
     model = nnx.merge(graphdef, state)
-    logits, cache = model(ids, mask, cache=cache)
-    return logits[:, -1].astype(jnp.float32), cache
+    b, p = ids.shape
+    cache = KVCache.init(model.config, b, p + max_tokens)
+    hidden, cache = model.model(ids, mask, cache=cache, fresh_cache=True)
+    logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    return _Carry(
+        cache=cache,
+        logits=logits,
+        tokens=jnp.full((b, max_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, max_tokens), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=done,
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.vmap(jax.random.fold_in, (None, 0))(seed_key, row_ids),
+    )
 
 
 def _decode(
@@ -370,24 +384,20 @@ def _decode(
         logits = mask_tokens(
             c.logits, stop_ids, jnp.broadcast_to(c.step < min_tokens, c.done.shape)
         )
-        def sample_row(key, row_logits):  # [V] -> a token drawn from this row's stream
-            tok, _ = sample_tokens(
-                jax.random.fold_in(key, c.step),
-                row_logits[None],
-                temperature,
-                top_k,
-                top_p,
-                greedy=greedy,
-                use_top_k=use_top_k,
-                use_top_p=use_top_p,
-            )
-            return tok[0]
-
-        tok = jax.vmap(sample_row)(c.rng, logits)  # [B]
+        keys = jax.vmap(jax.random.fold_in, (0, None))(c.rng, c.step)  # [B]
+        tok, _ = sample_tokens(
+            keys,
+            logits,
+            temperature,
+            top_k,
+            top_p,
+            greedy=greedy,
+            use_top_k=use_top_k,
+            use_top_p=use_top_p,
+        )
         # The reported log-prob is the model's own (before min_tokens masks EOS), so it
         # equals a teacher-forced forward pass: GRPO's ratios and drift metrics rely on it.
-        raw = jax.nn.log_softmax(c.logits, axis=-1)  # [B, V] float32
-        logp = jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0]
+        logp = token_logprobs(c.logits, tok)
         active = ~c.done
         tok = jnp.where(active, tok, pad_id)
         tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))

@@ -49,8 +49,73 @@ def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.where(logits < threshold, NEG_INF, logits)
 
 
+_BLOCK = 128  # vocabulary block of the two-level searches below
+
+
+def _blocks(x: jax.Array, fill: float) -> jax.Array:
+    """[B, V] -> [B, ceil(V / _BLOCK), _BLOCK], the tail padded with ``fill``."""
+    b, v = x.shape
+    nb = -(-v // _BLOCK)
+    return jnp.pad(x, ((0, 0), (0, nb * _BLOCK - v)), constant_values=fill).reshape(
+        b, nb, _BLOCK
+    )
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis of [B, V] (first index on ties), in two levels.
+
+    The block holding the first maximum, then the first maximum inside it: the same result
+    as ``jnp.argmax``, written out because XLA's CPU backend runs one (value, index)
+    reduction over a whole vocabulary row several times slower than a plain max plus a
+    short argmax (``benchmarks/decode_ops.py``).
+
+    Args:
+        x: [B, V] float. Returns: [B] int32.
+    """
+    xb = _blocks(x, -jnp.inf)
+    blk = jnp.argmax(jnp.max(xb, axis=-1), axis=-1)  # [B]
+    in_block = jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
+    return (blk * _BLOCK + jnp.argmax(in_block, axis=-1)).astype(jnp.int32)
+
+
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """Draws one token per row from ``softmax(logits)`` by inverting the CDF.
+
+    One uniform number per row, found in two levels: the block of ``_BLOCK`` tokens whose
+    cumulative mass passes it, then the token inside that block. Exact in distribution
+    (up to float32 rounding of the sums), like ``jax.random.categorical``, which instead
+    draws a Gumbel number per vocabulary entry: on CPU those V random numbers per row and
+    step cost several times more than the whole search (``benchmarks/decode_ops.py``).
+
+    Tokens whose logit is ``NEG_INF`` (or any token of zero probability) are never drawn.
+
+    Args:
+        keys: [B] PRNG keys, one per row. logits: [B, V] float32.
+
+    Returns:
+        [B] int32 tokens.
+    """
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, V] unnormalised
+    probs = _blocks(probs, 0.0)  # [B, nb, _BLOCK]
+    nb = probs.shape[1]
+    block_cdf = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)  # [B, nb]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [B] in [0, 1)
+    target = u * block_cdf[:, -1]  # [B], below the total mass
+    # First block whose cumulative mass exceeds the target: a block of zero mass never
+    # does (its cdf equals its predecessor's). The clip only guards float rounding.
+    blk = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), nb - 1)  # [B]
+    before = jnp.where(blk > 0, jnp.take_along_axis(block_cdf, (blk - 1)[:, None], 1)[:, 0], 0.0)
+    in_block = jnp.take_along_axis(probs, blk[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
+    cdf = jnp.cumsum(in_block, axis=-1)
+    idx = jnp.sum(cdf <= (target - before)[:, None], axis=-1)  # [B]
+    # Rounding may push the index past the block's last token of nonzero probability.
+    iota = jnp.arange(_BLOCK, dtype=jnp.int32)
+    last = jnp.max(jnp.where(in_block > 0, iota[None], -1), axis=-1)
+    return (blk * _BLOCK + jnp.minimum(idx, last)).astype(jnp.int32)
+
+
 def sample_tokens(
-    rng: jax.Array,
+    keys: jax.Array,
     logits: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
@@ -63,7 +128,7 @@ def sample_tokens(
     """Draws one token per row.
 
     Args:
-        rng: a PRNG key.
+        keys: [B] PRNG keys, one stream per row (unused when greedy).
         logits: [B, V] raw model logits (after any min-token masking).
         temperature, top_k, top_p: scalars (traced).
         greedy, use_top_k, use_top_p: static switches.
@@ -73,16 +138,24 @@ def sample_tokens(
         (unfiltered, temperature-1) distribution of ``logits``, as vLLM reports it.
     """
     logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = first_argmax(logits)
     else:
         scaled = logits / temperature
         if use_top_k:
             scaled = top_k_filter(scaled, top_k)
         if use_top_p:
             scaled = top_p_filter(scaled, top_p)
-        tokens = jax.random.categorical(rng, scaled, axis=-1)
-    tokens = tokens.astype(jnp.int32)
-    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+        tokens = categorical(keys, scaled)
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[b, tokens[b]]`` without materialising the log-softmax.
+
+    Args:
+        logits: [B, V] float32; tokens: [B] int. Returns: [B] float32.
+    """
+    best = jnp.max(logits, axis=-1)
+    lse = best + jnp.log(jnp.sum(jnp.exp(logits - best[:, None]), axis=-1))
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse

@@ -11,11 +11,15 @@ def test_thinking_is_capped_with_the_jax_engine():
     engine = JaxEngine(init_model(tiny(vocab_size=len(tok)), seed=3), tok)
     forced = tok(" </think> <answer>", add_special_tokens=False)["input_ids"]
     prompt = "Q: 1+1? <think>"
-    params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=1)
+    # Greedy: the outcome depends on the weights only, not on the sampler's random stream.
+    params = SamplingParams(temperature=0.0, max_tokens=6, n=2, seed=1)
+    free = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5))[0][0]
+    assert free.finish_reason == "length" and "</think>" not in free.text, "pick another seed"
     out = generate_with_budget(engine, tok, [prompt], params, BudgetForcing(max_thinking_tokens=5))
     assert len(out) == 1 and len(out[0]) == 2
     for c in out[0]:
-        # Random weights never close </think> by themselves: 5 sampled, then the forced end.
+        # These weights do not close </think> in 5 tokens: 5 sampled, then the forced end.
+        assert c.token_ids[:5] == free.token_ids
         assert c.token_ids[5 : 5 + len(forced)] == forced
         assert len(c.token_ids) <= 5 + len(forced) + 6
         assert "</think> <answer>" in c.text
@@ -70,3 +74,29 @@ def test_waits_extend_thinking_then_force_the_end():
     )
     assert out2[0][0].text.count("Wait") == 1
     assert out2[0][0].text == "abc Wait </think> <answer>x</answer>"
+
+
+class EosEngine(ScriptedEngine):
+    """Thinking ends with the EOS token after 'ab'; answers 'x</answer>'."""
+
+    def generate(self, prompts, params):
+        self.calls.append([self.tok.decode(p) for p in prompts])
+        if params.stop == ("</think>",):
+            ids = self.tok("ab", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            c = Completion("ab", ids, None, "stop", self.tok.eos_token_id)
+        else:
+            c = Completion("x</answer>", self.tok("x</answer>")["input_ids"], None, "stop", "</answer>")
+        return [[c] for _ in prompts]
+
+
+def test_an_eos_that_ends_thinking_is_not_fed_back():
+    tok = byte_tokenizer()
+    engine = EosEngine(tok)
+    params = SamplingParams(temperature=0, max_tokens=10, stop=("</answer>",))
+    out = generate_with_budget(
+        engine, tok, ["P<think>"], params, BudgetForcing(max_thinking_tokens=100, num_waits=1)
+    )
+    c = out[0][0]
+    assert tok.eos_token_id not in c.token_ids
+    assert c.text == "ab Waitab </think> <answer>x</answer>"
+    assert engine.calls[-1][0] == "P<think>ab Waitab </think> <answer>"

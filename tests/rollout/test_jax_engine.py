@@ -88,6 +88,29 @@ def test_sampled_logprobs_equal_teacher_forcing(hf_pair, eos, min_tokens):
     assert len({tuple(c.token_ids) for c in out[0]}) > 1
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.4, 0), (0.7, 3)])
+def test_sampled_tokens_follow_the_model_distribution(temperature, top_k):
+    """Frequencies of the first sampled token over many rows match softmax(logits / T),
+    renormalised over the top k: the engine's per-row streams and sampler, end to end."""
+    model = init_model(tiny(vocab_size=12), seed=4)
+    prompt = [3, 1, 4, 1, 5]
+    logits = np.asarray(model(np.asarray([prompt])), np.float64)[0, -1] / temperature
+    if top_k:
+        logits[np.argsort(logits)[:-top_k]] = -np.inf
+    want = np.exp(logits - logits.max())
+    want /= want.sum()
+    n = 6000
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=2048)
+    out = engine.generate([prompt], SamplingParams(temperature=temperature, top_k=top_k,
+                                                   max_tokens=1, n=n, seed=11))
+    freq = np.bincount([c.token_ids[0] for c in out[0]], minlength=12) / n
+    # 5 standard errors of each frequency (binomial), plus a hair for float32 logits.
+    tol = 5 * np.sqrt(want * (1 - want) / n) + 1e-3
+    assert np.all(np.abs(freq - want) <= tol), (freq, want)
+    if top_k:
+        assert (freq[want == 0] == 0).all()
+
+
 def test_deterministic_given_seed(hf_pair):
     _, model = hf_pair
     prompts = _prompts(np.random.default_rng(2), [6, 3])
@@ -202,8 +225,11 @@ def test_bad_requests():
         engine.generate([[]], SamplingParams())
 
 
-def test_kv_cache_decoding_equals_full_forward():
-    model = init_model(tiny(tie_word_embeddings=False), seed=2)
+@pytest.mark.parametrize("fresh", [False, True], ids=["prefill_over_cache", "fresh_prefill"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_kv_cache_decoding_equals_full_forward(fresh, window):
+    arch = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    model = init_model(tiny(tie_word_embeddings=False, **arch), seed=2)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 1024, (3, 9))
     mask = np.ones_like(ids, bool)
@@ -211,7 +237,11 @@ def test_kv_cache_decoding_equals_full_forward():
     mask[2, :1] = False
     full = np.asarray(model(ids, mask))
     cache = model.init_cache(3, 12)
-    logits, cache = model(ids[:, :6], mask[:, :6], cache=cache)
+    if fresh:  # the engine's prefill: attend among the prompt's tokens only
+        hidden, cache = model.model(ids[:, :6], mask[:, :6], cache=cache, fresh_cache=True)
+        logits = model.logits(hidden)
+    else:
+        logits, cache = model(ids[:, :6], mask[:, :6], cache=cache)
     steps = [np.asarray(logits)]
     for t in range(6, 9):
         logits, cache = model(ids[:, t : t + 1], mask[:, t : t + 1], cache=cache)
