@@ -125,7 +125,8 @@ def main():
         f"{gflop:.2f} GFLOP of matmuls per step"
     )
     print(f"{'':>13} {'prefill ms':>11} {'step ms':>8} {'GFLOP/s in step':>16}")
-    for name, pre, step in [("jaxalign", jax_pre, jax_step), ("transformers", torch_pre, torch_step)]:
+    rows = [("jaxalign", jax_pre, jax_step), ("transformers", torch_pre, torch_step)]
+    for name, pre, step in rows:
         print(f"{name:>13} {pre:11.1f} {step:8.2f} {gflop / step * 1e3:16.0f}")
     print("transformers step, top operators by self CPU time (ms per step):")
     for key, ms in top:

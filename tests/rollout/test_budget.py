@@ -85,7 +85,8 @@ class EosEngine(ScriptedEngine):
             ids = self.tok("ab", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             c = Completion("ab", ids, None, "stop", self.tok.eos_token_id)
         else:
-            c = Completion("x</answer>", self.tok("x</answer>")["input_ids"], None, "stop", "</answer>")
+            ids = self.tok("x</answer>")["input_ids"]
+            c = Completion("x</answer>", ids, None, "stop", "</answer>")
         return [[c] for _ in prompts]
 
 

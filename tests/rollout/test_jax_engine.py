@@ -228,7 +228,9 @@ def test_bad_requests():
 @pytest.mark.parametrize("fresh", [False, True], ids=["prefill_over_cache", "fresh_prefill"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_kv_cache_decoding_equals_full_forward(fresh, window):
-    arch = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+    arch = {}
+    if window:
+        arch = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1)
     model = init_model(tiny(tie_word_embeddings=False, **arch), seed=2)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 1024, (3, 9))
