@@ -52,14 +52,18 @@ class ScriptedEngine:
         return 0
 
 
+def _answer(engine, num_waits):
+    """The one completion of prompt 'P<think>' with a 100-token budget."""
+    params = SamplingParams(temperature=0, max_tokens=10, stop=("</answer>",))
+    budget = BudgetForcing(max_thinking_tokens=100, num_waits=num_waits)
+    return generate_with_budget(engine, engine.tok, ["P<think>"], params, budget)[0][0]
+
+
 def test_waits_extend_thinking_then_force_the_end():
     tok = byte_tokenizer()
     engine = ScriptedEngine(tok)
     params = SamplingParams(temperature=0, max_tokens=10, stop=("</answer>",))
-    out = generate_with_budget(
-        engine, tok, ["P<think>"], params, BudgetForcing(max_thinking_tokens=100, num_waits=2)
-    )
-    c = out[0][0]
+    c = _answer(engine, num_waits=2)
     assert c.text == "abc Waitabc Waitabc </think> <answer>x</answer>"
     assert len(engine.calls) == 4  # three thinking rounds, one answer
     assert engine.calls[-1][0] == "P<think>abc Waitabc Waitabc </think> <answer>"
@@ -93,11 +97,7 @@ class EosEngine(ScriptedEngine):
 def test_an_eos_that_ends_thinking_is_not_fed_back():
     tok = byte_tokenizer()
     engine = EosEngine(tok)
-    params = SamplingParams(temperature=0, max_tokens=10, stop=("</answer>",))
-    out = generate_with_budget(
-        engine, tok, ["P<think>"], params, BudgetForcing(max_thinking_tokens=100, num_waits=1)
-    )
-    c = out[0][0]
+    c = _answer(engine, num_waits=1)
     assert tok.eos_token_id not in c.token_ids
     assert c.text == "ab Waitab </think> <answer>x</answer>"
     assert engine.calls[-1][0] == "P<think>ab Waitab </think> <answer>"
