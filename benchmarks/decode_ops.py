@@ -8,7 +8,8 @@ Times one jitted call (median of ``--iters`` after a warm-up) of:
 - sampling: ``jax.random.categorical`` (a Gumbel number per vocabulary entry, per-row keys)
   vs ``sampling.categorical`` (one uniform per row, two-level inverse CDF);
 - one-query attention over the cache: keys stored [B, K, S, H] vs [B, K, H, S] (the
-  ``KVCache`` layout), scores + softmax + values, fp32;
+  ``KVCache`` layout, timed through the model's ``attend_cached``), scores + softmax +
+  values, fp32;
 - the step's largest matmul shape, [B, D] x [D, F] fp32, in XLA vs PyTorch (``torch.mm``,
   if torch is installed), as GFLOP/s: what the decode step's matmuls can reach.
 """
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign.models.qwen2 import attend_cached
 from jaxalign.rollout.sampling import categorical, first_argmax
 
 PRESETS = {  # batch, vocab, kv heads, query heads per kv head, cache slots, head dim, D, F
@@ -42,15 +44,17 @@ def median_ms(fn, *args, iters):  # fn may also be a PyTorch call (synchronous o
 
 
 def attention_keys_bksh(q, k, v, mask):  # k [B, K, S, H]: the score reduction runs over H
+    # (unscaled scores: attention_keys_bkhs undoes attend_cached's 1/sqrt(H) to compare)
     s = jnp.sum(q[:, :, :, None, :] * k[:, :, None], axis=-1)
     p = jax.nn.softmax(jnp.where(mask[:, None, None], s, -1e30), axis=-1)
     return jnp.sum(p[..., None] * v[:, :, None], axis=-2)
 
 
-def attention_keys_bkhs(q, k, v, mask):  # k [B, K, H, S]: slots contiguous
-    s = jnp.sum(q[..., None] * k[:, :, None], axis=-2)
-    p = jax.nn.softmax(jnp.where(mask[:, None, None], s, -1e30), axis=-1)
-    return jnp.sum(p[..., None] * v[:, :, None], axis=-2)
+def attention_keys_bkhs(q, k, v, mask):  # the model's own decode attention (KVCache layout)
+    b, kv, g, h = q.shape
+    q = q.reshape(b, 1, kv * g, h) * jnp.asarray(h**0.5, q.dtype)  # attend_cached scales q
+    out = attend_cached(q, k, v, mask[:, None, None, :])  # [B, 1, N, H]
+    return out.reshape(b, kv, g, h)
 
 
 def main():

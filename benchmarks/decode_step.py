@@ -5,8 +5,9 @@
 
 The ratio in ``benchmarks/rollout.py`` is bounded by these two steps: if PyTorch's step
 is mostly kernels (not Python), a jitted step cannot win by removing overhead. Prints:
-- jaxalign: prefill ms, and ms per step of ``--new`` cached single-token forwards in one
-  jitted ``fori_loop`` (greedy feedback, the engine's decode without its bookkeeping);
+- jaxalign: the ``JaxEngine``'s prefill ms, and ms per step of ``--new`` cached
+  single-token forwards in one jitted ``fori_loop`` (greedy feedback, the engine's decode
+  without its bookkeeping);
 - transformers: the same prefill and per-step ms (eager, ``DynamicCache``), and the
   step's top PyTorch operators by self CPU time (``torch.profiler``);
 - the step's matmul FLOPs and the GFLOP/s each side reaches on them.
@@ -27,20 +28,21 @@ from flax import nnx
 from rollout import PRESETS
 
 from jaxalign.models import init_model, save_pretrained
-from jaxalign.models.qwen2 import KVCache, Qwen2Config
+from jaxalign.models.qwen2 import Qwen2Config
+from jaxalign.rollout import JaxEngine
 from jaxalign.rollout.sampling import first_argmax
 
 
 def jax_times(model, prompts, new):
-    graphdef, state = nnx.split(model)
-    b, p = prompts.shape
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=len(prompts))
+    graphdef, state = engine.graphdef, engine.state
+    b = len(prompts)
 
-    @jax.jit
-    def prefill(state, ids):
-        m = nnx.merge(graphdef, state)
-        cache = KVCache.init(m.config, b, p + new)
-        hidden, cache = m.model(ids, jnp.ones_like(ids, jnp.bool_), cache=cache, fresh_cache=True)
-        return m.logits(hidden[:, -1:])[:, 0], cache
+    def prefill(state, ids):  # the engine's own prefill (its carry holds logits and cache)
+        carry = engine._prefill(state, ids, jnp.ones_like(ids, jnp.bool_), jax.random.key(0),
+                                jnp.arange(b, dtype=jnp.uint32), jnp.zeros(b, jnp.bool_),
+                                max_tokens=new, pad_id=0)
+        return carry.logits, carry.cache
 
     @functools.partial(jax.jit, donate_argnums=(2,))
     def decode(state, logits, cache):

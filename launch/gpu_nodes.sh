@@ -50,16 +50,11 @@ if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
   exit 2
 fi
 
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # The command line of process $1 of $2 (coordinator $3), as one shell-quoted string.
 train_command() {
   local line="JAX_COORDINATOR_ADDRESS=$(quote "$3") JAX_NUM_PROCESSES=$2 JAX_PROCESS_ID=$1"
-  line+=" $(quote "$PYTHON") -m jaxalign.train"
-  local arg
-  for arg in "${TRAIN_ARGS[@]}"; do line+=" $(quote "$arg")"; done
+  line+=" $(quote "$PYTHON") -m jaxalign.train $(quote_all "${TRAIN_ARGS[@]}")"
   echo "$line"
 }
 

@@ -57,18 +57,14 @@ fi
 [[ -z "$BIND" ]] && { if [[ -n "$HOSTS" ]]; then BIND=0.0.0.0; else BIND=127.0.0.1; fi; }
 LOG_DIR="${LOG_DIR:-${TMPDIR:-/tmp}/jaxalign-sidecars}"
 
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # The server command for GPU entry $1 on port $2, as one shell-quoted string.
 server_command() {
   local line=""
   [[ "$1" != none ]] && line+="env CUDA_VISIBLE_DEVICES=${1//+/,} "
   line+="$(quote "$PYTHON") -m jaxalign.rollout.server --backend $BACKEND --model $(quote "$MODEL")"
   line+=" --host $(quote "$BIND") --port $2"
-  local arg
-  for arg in "${EXTRA[@]+"${EXTRA[@]}"}"; do line+=" $(quote "$arg")"; done
+  [[ ${#EXTRA[@]} -gt 0 ]] && line+=" $(quote_all "${EXTRA[@]}")"
   echo "$line"
 }
 healthy() {  # GET $1/health answers 200

@@ -55,16 +55,11 @@ if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
   exit 2
 fi
 
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # Print (dry run; shell-quoted, one command a line) or run one command.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
 run() {
   if [[ $DRY_RUN == 1 ]]; then
-    local out="" arg
-    for arg in "$@"; do out+="$(quote "$arg") "; done
-    echo "${out% }"
+    quote_all "$@"; echo
   else
     "$@"
   fi

@@ -10,8 +10,8 @@ and around it:
   each Python-level ``open``) into ``WRITES.json`` when it exits, so the test can check that
   only process 0 wrote the run's logs, plots and exports;
 * with ``JAXALIGN_TEST_FAKE_REWARD=1``, swaps the verifier for a deterministic reward a
-  random tiny model earns about half the time (an even number of "e" in the response, as
-  ``tests/algorithms/test_grpo.py`` does): with the real verifier every reward is 0, every
+  random tiny model earns about half the time (``cfg_helpers.fake_score``, the one
+  ``tests/algorithms/test_grpo.py`` uses): with the real verifier every reward is 0, every
   advantage is 0 and the GRPO loss is trivially 0 on every process count.
 """
 
@@ -47,22 +47,17 @@ def _record_writes(out_path: str) -> None:
     atexit.register(dump)
 
 
-def _fake_score(responses, answers, reward, num_workers):
-    out = []
-    for r in responses:
-        ok = float(r.count("e") % 2 == 0)
-        out.append({"reward": ok, "answer_reward": ok, "format_reward": 1.0})
-    return out
-
-
 def main() -> None:
     argv = sys.argv[1:]
     sep = argv.index("--")
     _record_writes(argv[0])
     if os.environ.get("JAXALIGN_TEST_FAKE_REWARD") == "1":
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "algorithms"))
+        from cfg_helpers import fake_score
+
         from jaxalign.algorithms import common
 
-        common.score = _fake_score
+        common.score = fake_score
     sys.argv = ["jaxalign.train", *argv[sep + 1 :]]
     runpy.run_module("jaxalign.train", run_name="__main__", alter_sys=True)
 

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from cfg_helpers import load_config, shrink
+from cfg_helpers import fake_score, load_config, shrink
 
 from jaxalign import train
 from jaxalign.algorithms import common, grpo
@@ -104,17 +104,8 @@ def test_missing_model_path_is_a_config_error(grpo_config):
 # --- end to end -----------------------------------------------------------------------------
 
 
-def _fake_score(responses, answers, reward, num_workers):
-    """A reward a random tiny model can earn: responses with an even number of 'e's."""
-    out = []
-    for r in responses:
-        ok = float(r.count("e") % 2 == 0)
-        out.append({"reward": ok, "answer_reward": ok, "format_reward": 1.0})
-    return out
-
-
 def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     grpo_config.grpo.loss_type = "grpo_clip"
     grpo_config.grpo.epochs_per_rollout_batch = 2
     summary = train.run(grpo_config)
@@ -136,7 +127,7 @@ def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
 
 def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monkeypatch):
     """Old log-probs come from one forward before any update; epochs reuse them."""
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     grpo_config.grpo.loss_type = "grpo_clip"
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
     prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
@@ -156,7 +147,7 @@ def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monk
 
 
 def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch):
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     grpo_config.grpo.old_log_probs = "engine"
     # One update per rollout batch: the policy still equals the sampler, so every weight is 1
     # (after an update the on-policy weight exp(policy - sampler) moves off 1, as documented).
@@ -181,7 +172,7 @@ def test_filters_mask_zero_std_groups_and_truncated(grpo_config, monkeypatch):
 
 
 def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     grpo_config.grpo.n_grpo_steps = 4
     grpo_config.checkpoint.save_every = 2
     grpo_config.workdir = str(tmp_path / "straight")
@@ -212,7 +203,7 @@ def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_pat
 
 def test_sharded_grpo_matches_single_device(grpo_config, tmp_path, monkeypatch):
     """2 GRPO steps on 8 devices (fsdp 2 x tensor 4) equal a run on one device."""
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     from jaxalign import sharding
 
     results = {}
@@ -247,7 +238,7 @@ def test_shrunk_config_is_valid(grpo_config, tmp_path):
 def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monkeypatch):
     """The demo's SFT warm start: logged to warmstart.jsonl, reported in the summary, and not
     repeated when the run resumes (the checkpoint already holds the warm-started policy)."""
-    monkeypatch.setattr(common, "score", _fake_score)
+    monkeypatch.setattr(common, "score", fake_score)
     grpo_config.warmstart.sft_steps, grpo_config.warmstart.batch_size = 4, 8
     grpo_config.warmstart.slip_rate = 0.5
     grpo_config.grpo.n_grpo_steps = 1
