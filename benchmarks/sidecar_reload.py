@@ -16,6 +16,11 @@ Qwen2 (hidden 768, 12 layers, 12 / 4 heads, MLP 2048, vocab 32768, tied embeddin
 
 Prints each iteration and the medians, in seconds. The first iteration includes one-time
 costs (imports, first device transfers) and is left out of the medians.
+
+Every phase allocates and fills buffers of the model's size, so the machine's cost of
+first-touching memory is part of each number. The last line measures it: filling a fresh
+buffer of the export's size right after another (warm) and after 5 s idle (on a VM that
+returns idle memory to its host, the second is several times slower).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from jaxalign.data.tokenizer import byte_tokenizer
 from jaxalign.models import init_model, save_pretrained
@@ -44,6 +51,16 @@ SIZES = {
     "400m": dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096,
                  num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4, **_BASE),
 }
+
+
+def fill_seconds(nbytes: int, idle_s: float = 0.0) -> float:
+    """Seconds to allocate and fill a fresh ``nbytes`` buffer after ``idle_s`` of sleep."""
+    time.sleep(idle_s)
+    t = time.perf_counter()
+    buf = np.ones(nbytes // 4, np.float32)
+    seconds = time.perf_counter() - t
+    del buf
+    return seconds
 
 
 def main():
@@ -91,6 +108,14 @@ def main():
                 f"{med[1]:.2f} s, reload {med[2]:.2f} s, total {med[3]:.2f} s"
             )
             client.close()
+            fill_seconds(size)
+            warm = statistics.median(fill_seconds(size) for _ in range(3))
+            idle = fill_seconds(size, idle_s=5.0)
+            print(
+                f"filling a fresh {size / 2**20:.0f} MiB buffer: {warm:.2f} s warm, "
+                f"{idle:.2f} s after 5 s idle ({size / 2**30 / warm:.1f} vs "
+                f"{size / 2**30 / idle:.1f} GiB/s)"
+            )
         finally:
             server.terminate()
             server.wait(timeout=30)
