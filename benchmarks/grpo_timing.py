@@ -65,6 +65,7 @@ def build_config(args, workdir: str):
         cfg.grpo.train_batch_size = 256
         cfg.optim.grad_accum_steps = 32
         cfg.engine.max_batch_size = 256
+        cfg.train.width_multiple = 64  # cuDNN attention: padded widths a multiple of 64
         cfg.sampling.stop = ()
     default_tokens = 512 if args.preset == "1p5b" else cfg.sampling.max_tokens
     cfg.sampling.max_tokens = args.max_tokens or default_tokens

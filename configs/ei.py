@@ -44,7 +44,7 @@ def get_config(preset: str = "demo"):
     c.sampling = dict(
         temperature=1.0, top_p=1.0, max_tokens=48, min_tokens=4, stop=("</answer>",)
     )
-    c.engine = dict(backend="jax", urls="", max_batch_size=256, decode_chunk=16)
+    c.engine = dict(backend="jax", urls="", export_dir="", max_batch_size=256, decode_chunk=16)
     c.train = dict(loss_chunk_size=0, width_multiple=32)
     c.eval = dict(every=1, temperature=1.0, num_workers=1)
     c.warmstart = dict(sft_steps=0, lr=3e-3, warmup_steps=10, batch_size=64,

@@ -69,6 +69,8 @@ def get_config(preset: str = "demo"):
     c.engine = dict(
         backend="jax",  # jax (in-process) | sidecar (see launch/sidecar.sh)
         urls="",  # sidecar URLs, comma-separated
+        export_dir="",  # weights for the sidecars: '' = /dev/shm here (sidecars on this host
+        # only); for sidecars on other hosts, a directory they all read (shared filesystem)
         max_batch_size=128,
         decode_chunk=16,
     )

@@ -124,10 +124,12 @@ class Checkpointer:
 
 def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
     """The steps saved under ``run_dir/checkpoints`` (ascending; empty if none)."""
-    directory = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    from etils import epath  # local paths and gs:// alike
+
+    directory = epath.Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
         return []
-    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: str | None = None):
@@ -152,15 +154,16 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     import json
 
     import ml_collections
+    from etils import epath  # a local run directory or a gs:// workdir
     from flax import nnx
 
     from jaxalign.algorithms.common import build_model_and_tokenizer
 
-    run_dir = os.path.abspath(run_dir)
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
+    run_dir = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
+    config_path = epath.Path(run_dir) / "config.json"
+    if not config_path.is_file():
         raise ValueError(f"{run_dir}: no config.json (not a jaxalign run directory)")
-    run_cfg = json.loads(open(config_path).read())
+    run_cfg = json.loads(config_path.read_text())
     if "model" not in run_cfg:
         raise ValueError(f"{config_path} has no model block (not a jaxalign run)")
     steps = checkpoint_steps(run_dir)
@@ -176,7 +179,7 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     model, tokenizer = build_model_and_tokenizer(model_cfg)
     params = nnx.state(model, nnx.Param)
     target = {"params": _abstract(params)}
-    manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
+    manager = ocp.CheckpointManager(epath.Path(run_dir) / "checkpoints")
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

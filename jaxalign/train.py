@@ -66,8 +66,19 @@ def staging_dir(workdir: str) -> Path:
     return root / f"{workdir.rstrip('/').rsplit('/', 1)[-1]}-{tag}"
 
 
-def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",)) -> int:
+# Top-level entries of a run directory that copies leave out: orbax writes the checkpoints
+# to the remote workdir itself; the HF export (GBs) goes up once, at the end.
+SYNC_SKIP = ("checkpoints", "hf")
+
+
+def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",), *,
+              keep_larger: bool = False) -> int:
     """Copies the files under ``src`` to ``dst`` (local paths or URLs), except ``skip``.
+
+    Args:
+        keep_larger: leave a file alone where ``dst`` already holds one at least as large.
+            A run's logs only grow, so when both sides have one the larger is the newer
+            (a resumed run on the machine that staged it keeps its own, newer files).
 
     Returns:
         The number of files copied.
@@ -82,12 +93,24 @@ def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",)) -> int:
         if path.name in skip:
             continue
         if path.is_dir():
-            copied += copy_tree(path, dst / path.name, skip=())
-        else:
-            dst.mkdir(parents=True, exist_ok=True)
-            path.copy(dst / path.name, overwrite=True)
-            copied += 1
+            copied += copy_tree(path, dst / path.name, skip=(), keep_larger=keep_larger)
+            continue
+        target = dst / path.name
+        if keep_larger and target.exists() and target.stat().length >= path.stat().length:
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        path.copy(target, overwrite=True)
+        copied += 1
     return copied
+
+
+def sync_up(run_dir, workdir: str) -> int:
+    """Process 0 copies a remote workdir's staged files (logs, plots) up; the checkpoints
+    and the HF export stay out. Called after every checkpoint save, so a preempted or
+    killed run loses no logs that its checkpoint already covers."""
+    if not (is_remote(workdir) and distributed.is_main()):
+        return 0
+    return copy_tree(run_dir, workdir, skip=SYNC_SKIP)
 
 
 def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
@@ -96,7 +119,8 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     A ``workdir`` that already holds checkpoints is resumed by the algorithm. Every process
     gets process 0's directory (each would stamp its own time). For a remote ``workdir``
     this is the local staging directory (``staging_dir``); process 0 first copies down
-    what an earlier attempt left in the workdir.
+    what an earlier attempt left in the workdir (``copy_tree``'s ``keep_larger``), and
+    copies the staged files up after every checkpoint save (``sync_up``) and at the end.
     """
     workdir = distributed.broadcast_object(
         cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
@@ -104,8 +128,8 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     run_dir = staging_dir(workdir) if is_remote(workdir) else Path(workdir)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if is_remote(workdir):
-            copy_tree(workdir, run_dir)
+        if is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
+            copy_tree(workdir, run_dir, skip=SYNC_SKIP, keep_larger=True)
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
     return run_dir
 

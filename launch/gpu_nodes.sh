@@ -68,7 +68,7 @@ case "$MODE" in
       COORDINATOR="${NODES%%$'\n'*}:$PORT"
     fi
     CMD="$(train_command "$SLURM_PROCID" "$SLURM_NTASKS" "$COORDINATOR")"
-    if [[ $DRY_RUN == 1 ]]; then echo "$CMD"; else cd "$REMOTE_DIR" && eval "exec $CMD"; fi
+    if [[ $DRY_RUN == 1 ]]; then echo "$CMD"; else cd "$REMOTE_DIR" && eval "exec env $CMD"; fi
     ;;
   ssh)
     IFS=, read -r -a HOST_LIST <<<"$HOSTS"
@@ -95,6 +95,6 @@ case "$MODE" in
       usage
     fi
     CMD="$(train_command "$PID" "$NUM" "$COORDINATOR")"
-    if [[ $DRY_RUN == 1 ]]; then echo "$CMD"; else cd "$REMOTE_DIR" && eval "exec $CMD"; fi
+    if [[ $DRY_RUN == 1 ]]; then echo "$CMD"; else cd "$REMOTE_DIR" && eval "exec env $CMD"; fi
     ;;
 esac

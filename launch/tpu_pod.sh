@@ -3,16 +3,19 @@
 #
 #   launch/tpu_pod.sh --name my-slice --zone us-central2-b --accelerator-type v4-32 \
 #       --workdir gs://my-bucket/runs/grpo-1 [--project P] [--version tpu-ubuntu2204-base] \
-#       [--spot] [--delete-after] [--dry-run] \
+#       [--python-version 3.11] [--spot] [--delete-after] [--dry-run] \
 #       -- --config configs/grpo.py:qwen2p5_math_1p5b --config.model.path=/models/...
 #
 # Steps (each a gcloud command; --dry-run prints them all instead, one per line):
 #   1. reuse the slice if `tpu-vm describe` finds it, else `tpu-vm create` it;
 #   2. put this checkout on every worker as a tarball (`tpu-vm scp --worker=all`; configs/
-#      comes with it) and install it there: `pip install -e ~/jaxalign[tpu] gcsfs` (gcsfs lets
-#      orbax and the run-directory copy reach gs://);
-#   3. run the training command on every worker at once (`tpu-vm ssh --worker=all`) with
-#      JAXALIGN_DISTRIBUTED=auto: jax.distributed.initialize() detects the slice itself
+#      comes with it) and install it there into ~/jaxalign-venv, a virtual environment of
+#      Python --python-version made by uv (the TPU images' system Python is 3.10; jaxalign
+#      needs 3.11+): `uv pip install -e ~/jaxalign[tpu] gcsfs` (gcsfs lets orbax and the
+#      run-directory copy reach gs://). A reused slice keeps its environment;
+#   3. run the training command (the environment's python) on every worker at once
+#      (`tpu-vm ssh --worker=all`) with JAXALIGN_DISTRIBUTED=auto:
+#      jax.distributed.initialize() detects the slice itself
 #      (coordinator, process count and id). The run directory is --workdir on GCS: orbax
 #      writes the checkpoints there collectively; process 0 stages the logs, plots and HF
 #      export locally and copies them up at the end (see jaxalign/train.py);
@@ -20,10 +23,10 @@
 # No Pathways: plain multi-controller JAX, one process per TPU VM.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 NAME="" ZONE="" ACCEL="" WORKDIR="" PROJECT="" VERSION="tpu-ubuntu2204-base"
-SPOT=0 DELETE_AFTER=0 DRY_RUN=0
+PY_VERSION=3.11 SPOT=0 DELETE_AFTER=0 DRY_RUN=0
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORKDIR="$2"; shift 2 ;;
     --project) PROJECT="$2"; shift 2 ;;
     --version) VERSION="$2"; shift 2 ;;
+    --python-version) PY_VERSION="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --delete-after) DELETE_AFTER=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -83,11 +87,15 @@ fi
 TARBALL="${TMPDIR:-/tmp}/jaxalign-$NAME.tar.gz"
 run tar -czf "$TARBALL" -C "$REPO" --exclude=.git --exclude=runs --exclude=__pycache__ .
 run "${TPU[@]}" scp "$TARBALL" "$NAME:jaxalign.tar.gz" "${WHERE[@]}" --worker=all
-run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="mkdir -p ~/jaxalign \
-&& tar -xzf ~/jaxalign.tar.gz -C ~/jaxalign && pip install -e ~/jaxalign[tpu] gcsfs"
+VENV_PY="~/jaxalign-venv/bin/python"
+INSTALL="mkdir -p ~/jaxalign && tar -xzf ~/jaxalign.tar.gz -C ~/jaxalign"
+INSTALL+=" && python3 -m pip install --user --quiet uv"
+INSTALL+=" && ~/.local/bin/uv venv --allow-existing --python $(printf '%q' "$PY_VERSION") ~/jaxalign-venv"
+INSTALL+=" && ~/.local/bin/uv pip install --python $VENV_PY -e ~/jaxalign[tpu] gcsfs"
+run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$INSTALL"
 
 # 3. Train on every worker at once (configs/ paths are relative to ~/jaxalign).
-TRAIN="cd ~/jaxalign && JAXALIGN_DISTRIBUTED=auto python -m jaxalign.train"
+TRAIN="cd ~/jaxalign && JAXALIGN_DISTRIBUTED=auto $VENV_PY -m jaxalign.train"
 for arg in "${TRAIN_ARGS[@]}"; do TRAIN+=" $(printf '%q' "$arg")"; done
 TRAIN+=" --config.workdir=$(printf '%q' "$WORKDIR")"
 run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$TRAIN"

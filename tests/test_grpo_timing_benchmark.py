@@ -20,6 +20,7 @@ def test_the_1p5b_preset_validates_with_the_qwen_shape(tmp_path):
     train.validate(cfg)
     assert cfg.model.arch.hidden_size == 1536 and cfg.model.arch.num_hidden_layers == 28
     assert cfg.sampling.max_tokens == 512 and cfg.warmstart.sft_steps == 0
+    assert cfg.model.attention_impl == "cudnn" and cfg.train.width_multiple % 64 == 0
 
 
 def test_a_short_cpu_run_prints_every_phase(tmp_path, monkeypatch, capsys):

@@ -66,13 +66,16 @@ def test_tpu_pod_dry_run_creates_installs_and_trains_on_all_workers():
     assert "--worker=all" in scp and scp[6] == "s1:jaxalign.tar.gz"
     ssh = [c for c in cmds if c[4:5] == ["ssh"]]
     assert len(ssh) == 2 and all("--worker=all" in c for c in ssh)
-    assert "pip install -e ~/jaxalign[tpu] gcsfs" in ssh[0][-1]
+    install = ssh[0][-1]  # a Python 3.11 environment by uv: the images' python3 is 3.10
+    assert "uv venv --allow-existing --python 3.11 ~/jaxalign-venv" in install
+    assert "uv pip install --python ~/jaxalign-venv/bin/python -e ~/jaxalign[tpu] gcsfs" in install
     remote = ssh[1][-1].removeprefix("--command=")
     words = shlex.split(remote)
     assert words[:3] == ["cd", "~/jaxalign", "&&"]
     env, argv = _assignments(words[3:])
     assert env == {"JAXALIGN_DISTRIBUTED": "auto"}  # jax detects the slice itself
-    assert argv == ["python", "-m", "jaxalign.train", *TRAIN, "--config.workdir=gs://bucket/runs/a"]
+    assert argv == ["~/jaxalign-venv/bin/python", "-m", "jaxalign.train", *TRAIN,
+                    "--config.workdir=gs://bucket/runs/a"]
 
 
 def test_tpu_pod_reuses_an_existing_slice_and_creates_a_missing_one(tmp_path):
@@ -148,6 +151,31 @@ def test_gpu_nodes_explicit_flags_and_errors(monkeypatch):
     _check_process(*_assignments(shlex.split(line)), 3, 4, "10.0.0.1:1234", monkeypatch)
     out = _run("gpu_nodes.sh", "--coordinator", "h:1", "--dry-run", "--", *TRAIN, check=False)
     assert out.returncode == 2 and "--num-processes" in out.stderr
+
+
+def test_gpu_nodes_really_starts_the_process_with_its_environment(tmp_path):
+    """Not a dry run: a stand-in interpreter records the environment and arguments it got."""
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/usr/bin/env bash\n{ pwd; echo "$JAX_COORDINATOR_ADDRESS '
+                    '$JAX_NUM_PROCESSES $JAX_PROCESS_ID"; printf "%s\\n" "$@"; } > "$OUT"\n')
+    fake.chmod(0o755)
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\nprintf 'node07\\nnode08\\n'\n")
+    scontrol.chmod(0o755)
+    runs = {
+        "explicit": (["--coordinator", "10.0.0.1:1234", "--num-processes", "4",
+                      "--process-id", "3"], {}, "10.0.0.1:1234 4 3"),
+        "slurm": (["--slurm"], {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_PROCID": "1",
+                                "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[07-08]"},
+                  "node07:12355 2 1"),
+    }
+    for name, (flags, env, want) in runs.items():
+        out = tmp_path / f"{name}.txt"
+        _run("gpu_nodes.sh", *flags, "--python", str(fake), "--remote-dir", str(tmp_path),
+             "--", *TRAIN, env={**env, "OUT": str(out)})
+        cwd, got, *argv = out.read_text().splitlines()
+        assert (cwd, got) == (str(tmp_path), want), name
+        assert argv == ["-m", "jaxalign.train", *TRAIN], name
 
 
 # --- sidecar.sh -------------------------------------------------------------------------------

@@ -174,6 +174,32 @@ def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
           f"config.log.wandb_mode={cfg.log.wandb_mode!r}; choose offline, online or disabled")
 
 
+def check_micro_batch(cfg: ml_collections.ConfigDict, field: str, batch_size: int) -> None:
+    """``config.<field>`` rows per optimizer step, cut into ``optim.grad_accum_steps``
+    micro-batches, must split evenly over the processes and over the mesh's data-parallel
+    devices (data x fsdp): each device takes whole rows of every micro-batch."""
+    accum = cfg.optim.grad_accum_steps
+    check(batch_size % accum == 0,
+          f"config.{field}={batch_size} is not divisible by config.optim.grad_accum_steps="
+          f"{accum}: change one so the micro-batch is whole")
+    micro = batch_size // accum
+    procs = jax.process_count()
+    check(micro % procs == 0,
+          f"micro-batch {micro} (config.{field} / optim.grad_accum_steps) is not divisible "
+          f"by the {procs} processes")
+    n = jax.device_count()
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    if n == 1 or sizes.count(-1) > 1:
+        return  # one device: no split; a malformed mesh is reported by validate_common
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = n // max(1, int(np.prod([s for s in sizes if s != -1])))
+    data_parallel = sizes[0] * sizes[1]
+    check(micro % data_parallel == 0,
+          f"micro-batch {micro} (config.{field} / optim.grad_accum_steps) is not divisible by "
+          f"the {data_parallel} data-parallel devices (mesh data x fsdp): change config."
+          f"{field}, optim.grad_accum_steps or config.mesh")
+
+
 def mesh_from_config(cfg: ml_collections.ConfigDict):
     """The (data, fsdp, tensor) mesh; None on a single device (plain jit, no shardings)."""
     from jaxalign import sharding
@@ -276,7 +302,9 @@ class RunState:
         )
         # A remote workdir (gs://): orbax writes the checkpoints there, collectively; the
         # other files are staged in run_dir and copied up by jaxalign.train.
-        remote = "://" in cfg.workdir
+        from jaxalign.train import is_remote
+
+        remote = is_remote(cfg.workdir)
         self.checkpointer = Checkpointer(
             cfg.workdir.rstrip("/") + "/checkpoints" if remote else self.run_dir / "checkpoints",
             max_to_keep=cfg.checkpoint.max_to_keep,
@@ -315,6 +343,13 @@ class RunState:
             **extra,
         }
         self.checkpointer.save(step, trainer.params, trainer.opt_state, state)
+        from jaxalign.train import sync_up
+
+        try:  # a remote workdir: the logs go up too
+            sync_up(self.run_dir, self.cfg.workdir)
+        except Exception as e:  # a storage hiccup must not end the run: retried next save
+            logger.warning("copying the logs to %s failed (%s: %s); retried at the next "
+                           "checkpoint", self.cfg.workdir, type(e).__name__, e)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.logger.log(step, {k: _scalar(v) for k, v in metrics.items()})

@@ -41,9 +41,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           f"config.ei.questions_per_step={e.questions_per_step} must be >= 1")
     check(e.sft_epochs >= 1, f"config.ei.sft_epochs={e.sft_epochs} must be >= 1")
     check(e.keep in ("answer", "reward"), f"config.ei.keep={e.keep!r}; choose answer or reward")
-    check(e.batch_size % cfg.optim.grad_accum_steps == 0,
-          f"config.ei.batch_size={e.batch_size} must be divisible by "
-          f"config.optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+    common.check_micro_batch(cfg, "ei.batch_size", e.batch_size)
     validate_rollout_config(cfg)
 
 

@@ -68,32 +68,18 @@ RATIO_LOSSES = ("grpo_clip", "grpo_no_clip")
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """CS336's constraints and every option's range, before anything is built."""
     g = cfg.grpo
-    accum = cfg.optim.grad_accum_steps
     check(g.n_grpo_steps >= 1, f"config.grpo.n_grpo_steps={g.n_grpo_steps} must be >= 1")
     check(g.group_size >= 1, f"config.grpo.group_size={g.group_size} must be >= 1")
     check(g.rollout_batch_size % g.group_size == 0,
           f"config.grpo.rollout_batch_size={g.rollout_batch_size} must be divisible by "
           f"config.grpo.group_size={g.group_size}")
-    check(g.train_batch_size % accum == 0,
-          f"config.grpo.train_batch_size={g.train_batch_size} must be divisible by "
-          f"config.optim.grad_accum_steps={accum}")
     check(g.train_batch_size >= g.group_size,
           f"config.grpo.train_batch_size={g.train_batch_size} must be >= "
           f"config.grpo.group_size={g.group_size}")
     check(g.rollout_batch_size % g.train_batch_size == 0,
           f"config.grpo.rollout_batch_size={g.rollout_batch_size} must be a multiple of "
           f"config.grpo.train_batch_size={g.train_batch_size}")
-    micro = g.train_batch_size // accum
-    n_dev = jax.device_count()
-    check(micro % jax.process_count() == 0,
-          f"micro-batch {micro} (grpo.train_batch_size / optim.grad_accum_steps) must be "
-          f"divisible by the {jax.process_count()} processes")
-    if n_dev > 1:
-        data_par = n_dev // max(cfg.mesh.tensor, 1)
-        check(micro % data_par == 0,
-              f"micro-batch {micro} must be divisible by the {data_par} data-parallel devices "
-              "(mesh data x fsdp); change grpo.train_batch_size, optim.grad_accum_steps or "
-              "the mesh")
+    common.check_micro_batch(cfg, "grpo.train_batch_size", g.train_batch_size)
     check(g.epochs_per_rollout_batch >= 1,
           f"config.grpo.epochs_per_rollout_batch={g.epochs_per_rollout_batch} must be >= 1")
     check(g.loss_type in losses.LOSS_TYPES,

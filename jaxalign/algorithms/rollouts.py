@@ -24,7 +24,9 @@ seeds, so the same result); only process 0 writes it.
 
 from __future__ import annotations
 
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,22 @@ def load_questions(data: ml_collections.ConfigDict):
     return train, held_out[: data.num_eval]
 
 
+def sidecar_urls(urls: str) -> list[str]:
+    """``config.engine.urls`` (comma-separated) as a list."""
+    return [u.strip() for u in urls.split(",") if u.strip()]
+
+
+def _is_this_host(url: str) -> bool:
+    """Whether a sidecar URL names this machine (loopback, its host name or one of its IPs)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return host in names or host.startswith("127.")
+
+
 def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
     """Checks of the blocks GRPO and EI share: data, sampling, engine, warm start."""
     s = cfg.sampling
@@ -79,6 +97,12 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.engine.backend == "sidecar":
         check(bool(cfg.engine.urls), "config.engine.backend='sidecar' needs config.engine.urls "
               "(comma-separated http://host:port of running sidecars; see launch/sidecar.sh)")
+        remote = [u for u in sidecar_urls(cfg.engine.urls) if not _is_this_host(u)]
+        check(bool(cfg.engine.export_dir) or not remote,
+              f"config.engine.urls has sidecars on other hosts ({', '.join(remote)}); they "
+              "cannot read this machine's /dev/shm, where the weights go by default: set "
+              "config.engine.export_dir to a directory every sidecar host reads (a shared "
+              "filesystem; the same path on every host)")
     check(cfg.data.reward in ("r1_zero", "question_only"),
           f"config.data.reward={cfg.data.reward!r}; choose r1_zero or question_only")
     check(cfg.data.source in ("synthetic", "gsm8k", "math") or Path(cfg.data.source).is_file(),
@@ -95,8 +119,7 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
         check(cfg.data.source == "synthetic",
               "config.warmstart.sft_steps > 0 needs data.source='synthetic' (it trains on "
               "generated traces); real runs start from a checkpoint: set warmstart.sft_steps=0")
-        check(cfg.warmstart.batch_size % cfg.optim.grad_accum_steps == 0,
-              "config.warmstart.batch_size must be divisible by config.optim.grad_accum_steps")
+        common.check_micro_batch(cfg, "warmstart.batch_size", cfg.warmstart.batch_size)
 
 
 class PolicyRun:
@@ -166,7 +189,7 @@ class PolicyRun:
         if c.backend == "sidecar":
             from jaxalign.rollout import SidecarEngine
 
-            self.engine = SidecarEngine([u.strip() for u in c.urls.split(",") if u.strip()])
+            self.engine = SidecarEngine(sidecar_urls(c.urls), export_dir=c.export_dir or None)
             self.engine.update_weights(model)
             self.pad_id = self.tokenizer.pad_token_id
             if self.pad_id is None:

@@ -190,14 +190,7 @@ def run_sft_steps(trainer, it, *, steps, grad_accum_steps, schedule=None, run=No
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
     check(t.steps >= 1, f"config.train.steps={t.steps} must be >= 1")
-    accum = cfg.optim.grad_accum_steps
-    check(t.batch_size % accum == 0,
-          f"config.train.batch_size={t.batch_size} is not divisible by "
-          f"config.optim.grad_accum_steps={accum}: change one so the micro-batch is whole")
-    micro = t.batch_size // accum
-    check(micro % jax.process_count() == 0,
-          f"micro-batch {micro} (train.batch_size / optim.grad_accum_steps) is not divisible "
-          f"by the {jax.process_count()} processes")
+    common.check_micro_batch(cfg, "train.batch_size", t.batch_size)
     check(list(t.seq_buckets) == sorted(t.seq_buckets) and len(t.seq_buckets) >= 1,
           f"config.train.seq_buckets={tuple(t.seq_buckets)} must be increasing")
     check(t.truncate in ("error", "right", "drop"),

@@ -342,7 +342,10 @@ def save_pretrained(
         The output directory.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Process 0 is the only writer; every process joins every gather. A failed write is
+    # raised after the last gather, so it never leaves the other processes waiting.
+    main = jax.process_index() == 0
+    write_error: Exception | None = None
     cfg = model.config
     params = _params_by_key(model)
     out_dtype = jnp.dtype(dtype) if dtype is not None else None
@@ -361,9 +364,13 @@ def save_pretrained(
         shards[-1].append(k)
         current += sizes[k]
 
-    for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
-        if stale.exists():
-            stale.unlink()  # never leave shards of an older export beside the new ones
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
+                stale.unlink(missing_ok=True)  # never leave an older export's shards beside
+        except OSError as e:
+            write_error = e
     weight_map = {}
     names = (
         [SAFE_SINGLE]
@@ -378,13 +385,21 @@ def save_pretrained(
             rule = _transform_index(k)
             if dtype_change or _TRANSFORMS[rule][1] is not _IDENTITY:
                 value = _to_hf_on_device(value, rule=rule, dtype=out_dtype)
-            tensors[k] = np.ascontiguousarray(_gather(value))
+            host = _gather(value)
+            if main and write_error is None:
+                tensors[k] = np.ascontiguousarray(host)
             weight_map[k] = name
-        if jax.process_index() == 0:
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            del host
+        if main and write_error is None:
+            try:
+                save_file(tensors, str(out / name), metadata={"format": "pt"})
+            except (SafetensorError, OSError) as e:
+                write_error = e
         del tensors
-    if jax.process_index() != 0:
+    if not main:
         return out
+    if write_error is not None:
+        raise CheckpointError(f"{out}: writing the export failed ({write_error})") from write_error
     if len(shards) > 1:
         total = sum(sizes.values())
         (out / SAFE_INDEX).write_text(

@@ -491,13 +491,17 @@ class SidecarEngine:
                     "SidecarEngine.update_weights takes a model or a checkpoint directory, "
                     f"not {type(weights).__name__} (nnx.merge a State into its model first)"
                 )
-            path = self._export(weights, version)
-        export_s = time.perf_counter() - t0
-
         multihost = jax.process_count() > 1
         error: BaseException | None = None
         checksum_s = reload_s = 0.0
-        if jax.process_index() == 0:
+        if not isinstance(weights, str | os.PathLike):
+            try:  # collective; a failed write on process 0 still reaches the broadcast below
+                path = self._export(weights, version)
+            except BaseException as e:
+                error = e
+        export_s = time.perf_counter() - t0
+
+        if jax.process_index() == 0 and error is None:
             try:
                 t1 = time.perf_counter()
                 checksum = checkpoint_checksum(path)

@@ -454,7 +454,12 @@ class Sidecar:
             raise RequestError(400, "'deadline_s' must be a positive number of seconds")
         deadline = start + min(float(deadline_s), self.max_update_deadline_s)
         if not Path(path).is_dir():
-            raise RequestError(400, f"{path}: no such directory on the sidecar's host")
+            raise RequestError(
+                400,
+                f"{path}: no such directory on the sidecar's host (a sidecar on another host "
+                "than the trainer needs the exports on a filesystem both see: the trainer's "
+                "config.engine.export_dir, or SidecarEngine(export_dir=...))",
+            )
         try:
             actual = checkpoint_checksum(path)  # outside the lock: generation goes on meanwhile
         except (FileNotFoundError, OSError) as e:

@@ -71,3 +71,40 @@ def test_model_path_wins_over_the_random_preset(tmp_path):
     model, _ = common.build_model_and_tokenizer(cfg.model)
     assert model.config.num_hidden_layers == tiny().num_hidden_layers
     assert model.config.hidden_size == tiny().hidden_size
+
+
+def test_sidecars_on_other_hosts_need_a_shared_export_dir(tmp_path):
+    """The weights go to this machine's /dev/shm unless ``engine.export_dir`` says where."""
+    cfg = load_config("grpo")
+    cfg.workdir = str(tmp_path / "run")
+    cfg.engine.backend = "sidecar"
+    cfg.engine.urls = "http://127.0.0.1:8000, http://localhost:8001"
+    train.validate(cfg)  # this host: /dev/shm is fine
+    cfg.engine.urls = "http://127.0.0.1:8000,http://gpu-node-7.invalid:8000"
+    with pytest.raises(ConfigError, match=r"other hosts \(http://gpu-node-7.invalid:8000\).*"
+                                          r"set config.engine.export_dir"):
+        train.validate(cfg)
+    cfg.engine.export_dir = "/shared/exports"
+    train.validate(cfg)
+
+
+@pytest.mark.parametrize("name, field", [
+    ("sft", "train.batch_size"), ("grpo", "grpo.train_batch_size"), ("ei", "ei.batch_size"),
+    ("grpo", "warmstart.batch_size"),
+])
+def test_micro_batches_must_split_over_the_data_parallel_devices(name, field):
+    """Checked up front for every algorithm, not at the first step after the model loaded;
+    ``tensor`` devices share rows, so they do not count (here 8 devices = 4 fsdp x 2)."""
+    assert jax.device_count() == 8
+    cfg = load_config(name)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 2
+    cfg.optim.grad_accum_steps = 2
+    block, key = field.split(".")
+    cfg[block][key] = 12  # micro-batch 6
+    if block == "grpo":
+        cfg.grpo.rollout_batch_size, cfg.grpo.group_size = 48, 4
+    with pytest.raises(ConfigError, match=f"micro-batch 6 \\(config.{field} / optim.grad_accum_"
+                                          "steps\\) is not divisible by the 4 data-parallel"):
+        train.validate(cfg)
+    cfg[block][key] = 16
+    train.validate(cfg)

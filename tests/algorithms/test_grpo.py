@@ -253,3 +253,51 @@ def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monke
     assert [r["step"] for r in read_metrics(run_dir / "warmstart.jsonl")] == steps
     assert resumed["warmstart_loss"] == summary["warmstart_loss"]
     assert resumed["eval_before"] == summary["eval_before"]
+
+
+def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(grpo_config, tmp_path,
+                                                                  monkeypatch):
+    """``engine.backend='sidecar'``: weights exported to ``engine.export_dir`` and reloaded
+    by a real sidecar process every step; one sidecar samples what the in-process engine
+    samples, so the two runs agree step by step."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from jaxalign.models import save_pretrained
+    from jaxalign.rollout.server import LISTENING
+
+    monkeypatch.setattr(common, "score", fake_score)
+    model, tokenizer = common.build_model_and_tokenizer(grpo_config.model)
+    save_pretrained(model, tmp_path / "start", tokenizer=tokenizer)
+    grpo_config.workdir = str(tmp_path / "in_process")
+    train.run(grpo_config)
+
+    env = dict(__import__("os").environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("JAXALIGN_SIDECAR_TOKEN", None)
+    cmd = [sys.executable, "-m", "jaxalign.rollout.server", "--backend", "jax", "--model",
+           str(tmp_path / "start"), "--port", "0", "--dtype", grpo_config.model.dtype]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=env)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith(LISTENING), line
+        url = line[len(LISTENING):].strip()
+        grpo_config.engine.backend, grpo_config.engine.urls = "sidecar", url
+        grpo_config.engine.export_dir = str(tmp_path / "exports")
+        grpo_config.workdir = str(tmp_path / "sidecar")
+        train.run(grpo_config)
+        health = json.loads(urllib.request.urlopen(url + "/health", timeout=30).read())
+    finally:
+        server.kill()
+        server.wait()
+    runs = {name: {r["step"]: r for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                   if "train/loss" in r} for name in ("in_process", "sidecar")}
+    for step in (1, 2):
+        for key in ("train/reward", "train/response_length", "train/loss"):
+            assert runs["sidecar"][step][key] == pytest.approx(runs["in_process"][step][key],
+                                                               rel=1e-4, abs=1e-5), (step, key)
+    # start + one sync per step; only the newest export is kept, where the config said
+    assert health["weights_version"] == 3
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["v00000003"]

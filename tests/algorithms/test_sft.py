@@ -172,3 +172,43 @@ def test_any_checkpoint_step_exports_to_a_hf_directory(tmp_path, capsys):
     assert e.value.code == 2
     assert "no step 4; saved steps: [3, 6]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatch):
+    """A run killed between checkpoints (SIGKILL and preemption run no ``finally``) already
+    has its logs up to the last checkpoint in the remote workdir; a rerun on a fresh
+    machine copies them down and appends."""
+    from jaxalign.algorithms import common
+
+    bucket = tmp_path / "bucket"  # stands in for gs://: epath copies local paths alike
+    monkeypatch.setattr(train, "is_remote", lambda path: str(path).startswith(str(bucket)))
+    monkeypatch.setenv(train.STAGING_ENV, str(tmp_path / "staging"))
+    cfg = _sft_config(tmp_path)
+    cfg.workdir = str(bucket / "run")
+    cfg.train.steps, cfg.checkpoint.save_every = 4, 2
+    seen = {}
+    real_save = common.RunState.save
+
+    def save_and_look(self, step, *args, **kwargs):
+        real_save(self, step, *args, **kwargs)
+        if step % 2:
+            return  # not a checkpoint step
+        remote = bucket / "run" / "metrics.jsonl"
+        seen[step] = [r["step"] for r in read_metrics(remote) if "train/loss" in r]
+        assert not (bucket / "run" / "hf").exists()  # the export goes up at the end only
+
+    monkeypatch.setattr(common.RunState, "save", save_and_look)
+    train.run(cfg)
+    assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]
+    staged = train.staging_dir(cfg.workdir)
+    remote_log = (bucket / "run" / "metrics.jsonl").read_bytes()
+    assert (staged / "metrics.jsonl").read_bytes() == remote_log
+
+    # A fresh machine resumes: it copies the logs down (not the HF export) and goes on.
+    import shutil
+
+    shutil.rmtree(staged)
+    cfg.train.steps = 6
+    train.run(cfg)
+    steps = [r["step"] for r in read_metrics(bucket / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]

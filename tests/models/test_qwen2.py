@@ -189,6 +189,30 @@ def test_export_bf16_and_sharded(tmp_path):
         )
 
 
+def test_a_failed_write_is_raised_after_every_gather(tmp_path, monkeypatch):
+    """Process 0 alone writes; a full disk must not leave the other processes waiting in a
+    gather it skipped, so the error comes after the last gather and names the directory."""
+    from jaxalign.models import hf_io
+
+    path, _ = make_hf(tmp_path)
+    model = from_pretrained(path, dtype=jnp.float32)
+    gathered = []
+    real_gather = hf_io._gather
+    monkeypatch.setattr(hf_io, "_gather", lambda x: gathered.append(1) or real_gather(x))
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_io, "save_file", full_disk)
+    out = tmp_path / "export"
+    with pytest.raises(hf_io.CheckpointError, match=f"{out}: writing the export failed.*space"):
+        save_pretrained(model, out, max_shard_size=60_000)  # several shards: all gathered
+    assert len(gathered) == len(_flat_params(model))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(hf_io.CheckpointError, match="writing the export failed"):
+        save_pretrained(model, tmp_path / "a_file" / "export")
+
+
 def test_export_replaces_older_shards(tmp_path):
     path, _ = make_hf(tmp_path)
     model = from_pretrained(path, dtype=jnp.float32)
