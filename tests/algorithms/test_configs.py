@@ -97,6 +97,7 @@ def test_micro_batches_must_split_over_the_data_parallel_devices(name, field):
     ``tensor`` devices share rows, so they do not count (here 8 devices = 4 fsdp x 2)."""
     assert jax.device_count() == 8
     cfg = load_config(name)
+    cfg.data.source = "synthetic"  # no ../shared/data needed
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 2
     cfg.optim.grad_accum_steps = 2
     block, key = field.split(".")
