@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -115,6 +117,33 @@ def broadcast_object(obj: Any) -> Any:
     if jax.process_count() == 1:
         return obj
     return allgather_objects(obj if is_main() else None)[0]
+
+
+def check_shared_directory(path: str | os.PathLike) -> None:
+    """Raises ``ValueError`` on every process unless all of them see process 0's ``path``.
+
+    A collective (nothing to check on one process). Orbax writes each checkpoint from every
+    process into the run directory; on a directory local to each host no host would hold a
+    whole checkpoint. Process 0 writes a marker with a fresh random name, the others look
+    for it, and all learn the outcome together, so no process is left waiting.
+    """
+    if jax.process_count() == 1:
+        return
+    token = broadcast_object(secrets.token_hex(8) if is_main() else None)
+    marker = Path(path) / f".jaxalign-shared-{token}"
+    if is_main():
+        marker.write_text(token)
+    allgather_objects(None)  # process 0 has written it
+    seen = marker.is_file() and marker.read_text() == token
+    everyone = allgather_objects(seen)
+    if is_main():
+        marker.unlink(missing_ok=True)
+    missing = [i for i, ok in enumerate(everyone) if not ok]
+    if missing:
+        raise ValueError(
+            f"{path}: process(es) {missing} do not see process 0's run directory; on several "
+            "hosts the workdir must be on a filesystem they share (NFS, Lustre) or a gs:// URL"
+        )
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -131,6 +131,11 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
         if is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
             copy_tree(workdir, run_dir, skip=SYNC_SKIP, keep_larger=True)
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    if not is_remote(workdir):  # (a remote workdir's staging directory is local by design)
+        try:
+            distributed.check_shared_directory(run_dir)
+        except ValueError as e:
+            raise ConfigError(f"config.workdir={workdir!r}: {e}") from None
     return run_dir
 
 

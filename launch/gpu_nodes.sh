@@ -21,7 +21,8 @@
 # interpreter on the hosts, default python), --dry-run (print each process's command,
 # environment included, instead of running it). The workdir (--config.workdir) must be a
 # directory every host sees (NFS, Lustre) or a gs:// URL: orbax writes checkpoints there
-# from all processes; only process 0 writes logs, plots and the HF export.
+# from all processes (checked at start-up); only process 0 writes logs, plots and the HF
+# export. Over ssh each host gets a terminal (-tt), so a Ctrl-C here stops them all.
 set -euo pipefail
 
 usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -77,10 +78,12 @@ case "$MODE" in
     PIDS=()
     for i in "${!HOST_LIST[@]}"; do
       REMOTE="cd $(quote "$REMOTE_DIR") && $(train_command "$i" "$N" "$COORDINATOR")"
+      # -tt: a terminal on the host, so a Ctrl-C here (ssh exits, the terminal hangs up)
+      # stops the remote training too instead of leaving it holding the GPUs.
       if [[ $DRY_RUN == 1 ]]; then
-        echo "ssh $(quote "${HOST_LIST[$i]}") $(quote "$REMOTE")"
+        echo "ssh -tt $(quote "${HOST_LIST[$i]}") $(quote "$REMOTE")"
       else
-        ssh "${HOST_LIST[$i]}" "$REMOTE" 2>&1 | sed "s/^/[${HOST_LIST[$i]}] /" &
+        ssh -tt "${HOST_LIST[$i]}" "$REMOTE" 2>&1 | sed "s/\r\$//; s/^/[${HOST_LIST[$i]}] /" &
         PIDS+=($!)
       fi
     done

@@ -125,8 +125,8 @@ def test_gpu_nodes_over_ssh_one_process_per_host(monkeypatch):
     lines = out.splitlines()
     assert len(lines) == 3
     for i, line in enumerate(lines):
-        ssh, host, remote = shlex.split(line)
-        assert (ssh, host) == ("ssh", f"gpu{i}")
+        ssh, tty, host, remote = shlex.split(line)
+        assert (ssh, tty, host) == ("ssh", "-tt", f"gpu{i}")  # Ctrl-C reaches the host
         words = shlex.split(remote)
         assert words[:3] == ["cd", "/srv/jaxalign", "&&"]
         _check_process(*_assignments(words[3:]), i, 3, "gpu0:9999", monkeypatch)
@@ -153,29 +153,36 @@ def test_gpu_nodes_explicit_flags_and_errors(monkeypatch):
     assert out.returncode == 2 and "--num-processes" in out.stderr
 
 
-def test_gpu_nodes_really_starts_the_process_with_its_environment(tmp_path):
-    """Not a dry run: a stand-in interpreter records the environment and arguments it got."""
+def test_gpu_nodes_really_starts_the_processes_with_their_environment(tmp_path):
+    """Not a dry run: a stand-in interpreter records the environment and arguments it got
+    (and a stand-in ssh runs the remote command here)."""
     fake = tmp_path / "fake-python"
     fake.write_text('#!/usr/bin/env bash\n{ pwd; echo "$JAX_COORDINATOR_ADDRESS '
-                    '$JAX_NUM_PROCESSES $JAX_PROCESS_ID"; printf "%s\\n" "$@"; } > "$OUT"\n')
-    fake.chmod(0o755)
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/usr/bin/env bash\nprintf 'node07\\nnode08\\n'\n")
-    scontrol.chmod(0o755)
+                    '$JAX_NUM_PROCESSES $JAX_PROCESS_ID"; printf "%s\\n" "$@"; } '
+                    '> "$OUT.$JAX_PROCESS_ID"\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node07\\nnode08\\n'\n")
+    (bin_dir / "ssh").write_text('#!/usr/bin/env bash\n[[ $1 == -tt ]] || exit 9\n'
+                                 'exec bash -c "$3"\n')
+    for f in (fake, bin_dir / "scontrol", bin_dir / "ssh"):
+        f.chmod(0o755)
+    path = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
     runs = {
         "explicit": (["--coordinator", "10.0.0.1:1234", "--num-processes", "4",
-                      "--process-id", "3"], {}, "10.0.0.1:1234 4 3"),
-        "slurm": (["--slurm"], {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_PROCID": "1",
-                                "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[07-08]"},
-                  "node07:12355 2 1"),
+                      "--process-id", "3"], {}, {3: "10.0.0.1:1234 4 3"}),
+        "slurm": (["--slurm"], {**path, "SLURM_PROCID": "1", "SLURM_NTASKS": "2",
+                                "SLURM_JOB_NODELIST": "node[07-08]"}, {1: "node07:12355 2 1"}),
+        "ssh": (["--hosts", "gpu0,gpu1"], path, {0: "gpu0:12355 2 0", 1: "gpu0:12355 2 1"}),
     }
     for name, (flags, env, want) in runs.items():
-        out = tmp_path / f"{name}.txt"
+        out = tmp_path / name
         _run("gpu_nodes.sh", *flags, "--python", str(fake), "--remote-dir", str(tmp_path),
              "--", *TRAIN, env={**env, "OUT": str(out)})
-        cwd, got, *argv = out.read_text().splitlines()
-        assert (cwd, got) == (str(tmp_path), want), name
-        assert argv == ["-m", "jaxalign.train", *TRAIN], name
+        for pid, line in want.items():
+            cwd, got, *argv = Path(f"{out}.{pid}").read_text().splitlines()
+            assert (cwd, got) == (str(tmp_path), line), name
+            assert argv == ["-m", "jaxalign.train", *TRAIN], name
 
 
 # --- sidecar.sh -------------------------------------------------------------------------------

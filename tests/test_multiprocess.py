@@ -339,3 +339,19 @@ def test_remote_workdir_is_staged_and_copied_without_checkpoints(tmp_path, monke
     assert (tmp_path / "dst" / "hf" / "config.json").exists()
     assert not (tmp_path / "dst" / "checkpoints").exists()  # orbax wrote those remotely
     assert train.copy_tree(tmp_path / "missing", tmp_path / "dst") == 0
+
+
+def test_a_workdir_another_host_cannot_see_is_refused(tmp_path, monkeypatch):
+    """Process 0 of 2 (simulated) whose peer does not find the marker: a clear error on
+    every process, and the marker is removed. The real 2-process runs above pass it."""
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
+    monkeypatch.setattr(distributed, "allgather_objects", lambda obj: [obj, None if obj is None
+                                                                      else False])
+    with pytest.raises(ValueError, match=r"process\(es\) \[1\] do not see process 0's run "
+                                         r"directory.*filesystem they share.*gs://"):
+        distributed.check_shared_directory(tmp_path)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(distributed, "allgather_objects", lambda obj: [obj, obj])
+    distributed.check_shared_directory(tmp_path)  # a peer that sees it
+    assert not list(tmp_path.iterdir())
