@@ -157,9 +157,9 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     from etils import epath  # a local run directory or a gs:// workdir
     from flax import nnx
 
-    from jaxalign.algorithms.common import build_model_and_tokenizer
+    from jaxalign.algorithms.common import build_model_and_tokenizer, is_remote
 
-    run_dir = str(run_dir) if "://" in str(run_dir) else os.path.abspath(run_dir)
+    run_dir = str(run_dir) if is_remote(str(run_dir)) else os.path.abspath(run_dir)
     config_path = epath.Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: no config.json (not a jaxalign run directory)")

@@ -21,7 +21,6 @@ after copying down what an earlier attempt left there, so a resumed run appends 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib
 import json
 import os
@@ -32,6 +31,7 @@ import jax
 import ml_collections
 
 from jaxalign import distributed
+from jaxalign.algorithms import common
 from jaxalign.algorithms.common import ConfigError, validate_common
 
 # The loops a config can name (each module has ``validate(cfg)`` and ``run(cfg, run_dir)``).
@@ -50,88 +50,25 @@ def validate(cfg: ml_collections.ConfigDict):
     return module
 
 
-# Where the files of a run with a remote (gs://) workdir live until they are copied up.
-STAGING_ENV = "JAXALIGN_STAGING_DIR"
-
-
-def is_remote(path: str) -> bool:
-    """A URL such as ``gs://bucket/run`` (orbax writes there; plain ``open`` cannot)."""
-    return "://" in path
-
-
-def staging_dir(workdir: str) -> Path:
-    """The local directory that holds a remote workdir's files during the run."""
-    root = Path(os.environ.get(STAGING_ENV) or "/tmp/jaxalign-staging")
-    tag = hashlib.sha1(workdir.encode()).hexdigest()[:8]
-    return root / f"{workdir.rstrip('/').rsplit('/', 1)[-1]}-{tag}"
-
-
-# Top-level entries of a run directory that copies leave out: orbax writes the checkpoints
-# to the remote workdir itself; the HF export (GBs) goes up once, at the end.
-SYNC_SKIP = ("checkpoints", "hf")
-
-
-def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",), *,
-              keep_larger: bool = False) -> int:
-    """Copies the files under ``src`` to ``dst`` (local paths or URLs), except ``skip``.
-
-    Args:
-        keep_larger: leave a file alone where ``dst`` already holds one at least as large.
-            A run's logs only grow, so when both sides have one the larger is the newer
-            (a resumed run on the machine that staged it keeps its own, newer files).
-
-    Returns:
-        The number of files copied.
-    """
-    from etils import epath
-
-    src, dst = epath.Path(src), epath.Path(dst)
-    if not src.exists():
-        return 0
-    copied = 0
-    for path in src.iterdir():  # (no rglob: epath refuses "**" for GCS)
-        if path.name in skip:
-            continue
-        if path.is_dir():
-            copied += copy_tree(path, dst / path.name, skip=(), keep_larger=keep_larger)
-            continue
-        target = dst / path.name
-        if keep_larger and target.exists() and target.stat().length >= path.stat().length:
-            continue
-        dst.mkdir(parents=True, exist_ok=True)
-        path.copy(target, overwrite=True)
-        copied += 1
-    return copied
-
-
-def sync_up(run_dir, workdir: str) -> int:
-    """Process 0 copies a remote workdir's staged files (logs, plots) up; the checkpoints
-    and the HF export stay out. Called after every checkpoint save, so a preempted or
-    killed run loses no logs that its checkpoint already covers."""
-    if not (is_remote(workdir) and distributed.is_main()):
-        return 0
-    return copy_tree(run_dir, workdir, skip=SYNC_SKIP)
-
-
 def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     """``cfg.workdir`` (default ``runs/<name>-<timestamp>``), with ``config.json`` written.
 
     A ``workdir`` that already holds checkpoints is resumed by the algorithm. Every process
     gets process 0's directory (each would stamp its own time). For a remote ``workdir``
-    this is the local staging directory (``staging_dir``); process 0 first copies down
-    what an earlier attempt left in the workdir (``copy_tree``'s ``keep_larger``), and
-    copies the staged files up after every checkpoint save (``sync_up``) and at the end.
+    this is the local staging directory (``common.staging_dir``); process 0 first copies down
+    what an earlier attempt left in the workdir (``common.copy_tree``'s ``keep_larger``), and
+    copies the staged files up after every checkpoint save (``common.sync_up``) and at the end.
     """
     workdir = distributed.broadcast_object(
         cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
-    run_dir = staging_dir(workdir) if is_remote(workdir) else Path(workdir)
+    run_dir = common.staging_dir(workdir) if common.is_remote(workdir) else Path(workdir)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
-            copy_tree(workdir, run_dir, skip=SYNC_SKIP, keep_larger=True)
+        if common.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
+            common.copy_tree(workdir, run_dir, skip=common.SYNC_SKIP, keep_larger=True)
         (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    if not is_remote(workdir):  # (a remote workdir's staging directory is local by design)
+    if not common.is_remote(workdir):  # (a remote workdir's staging directory is local by design)
         try:
             distributed.check_shared_directory(run_dir)
         except ValueError as e:
@@ -146,8 +83,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     try:
         return module.run(cfg, run_dir)
     finally:
-        if is_remote(cfg.workdir) and distributed.is_main():
-            copy_tree(run_dir, cfg.workdir)
+        if common.is_remote(cfg.workdir) and distributed.is_main():
+            common.copy_tree(run_dir, cfg.workdir)
 
 
 def main(argv):

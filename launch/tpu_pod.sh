@@ -18,7 +18,7 @@
 #      jax.distributed.initialize() detects the slice itself
 #      (coordinator, process count and id). The run directory is --workdir on GCS: orbax
 #      writes the checkpoints there collectively; process 0 stages the logs, plots and HF
-#      export locally and copies them up at the end (see jaxalign/train.py);
+#      export locally and copies them up after every checkpoint and at the end;
 #   4. with --delete-after, delete the slice.
 # No Pathways: plain multi-controller JAX, one process per TPU VM.
 set -euo pipefail

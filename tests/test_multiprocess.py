@@ -37,7 +37,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import distributed, train
+from jaxalign import distributed
+from jaxalign.algorithms import common
 from jaxalign.logging import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -324,21 +325,21 @@ def test_host_helpers_are_identities_on_one_process():
 
 
 def test_remote_workdir_is_staged_and_copied_without_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.setenv(train.STAGING_ENV, str(tmp_path / "staging"))
-    assert train.is_remote("gs://bucket/runs/a") and not train.is_remote("/runs/a")
-    staged = train.staging_dir("gs://bucket/runs/a")
+    monkeypatch.setenv(common.STAGING_ENV, str(tmp_path / "staging"))
+    assert common.is_remote("gs://bucket/runs/a") and not common.is_remote("/runs/a")
+    staged = common.staging_dir("gs://bucket/runs/a")
     assert staged.parent == tmp_path / "staging" and staged.name.startswith("a-")
-    assert staged != train.staging_dir("gs://other/runs/a")  # same basename, other run
+    assert staged != common.staging_dir("gs://other/runs/a")  # same basename, other run
     src = tmp_path / "src"
     (src / "hf").mkdir(parents=True)
     (src / "checkpoints" / "3").mkdir(parents=True)
     (src / "metrics.jsonl").write_text("{}\n")
     (src / "hf" / "config.json").write_text("{}")
     (src / "checkpoints" / "3" / "x").write_text("big")
-    assert train.copy_tree(src, tmp_path / "dst") == 2
+    assert common.copy_tree(src, tmp_path / "dst") == 2
     assert (tmp_path / "dst" / "hf" / "config.json").exists()
     assert not (tmp_path / "dst" / "checkpoints").exists()  # orbax wrote those remotely
-    assert train.copy_tree(tmp_path / "missing", tmp_path / "dst") == 0
+    assert common.copy_tree(tmp_path / "missing", tmp_path / "dst") == 0
 
 
 def test_a_workdir_another_host_cannot_see_is_refused(tmp_path, monkeypatch):

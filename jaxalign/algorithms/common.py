@@ -9,13 +9,15 @@ the plumbing they have in common lives here, once:
 * ``policy_log_probs``: per-token log-probs (and entropies) of a batch, chunked over the
   vocabulary projection when configured, so ``[B, T, V]`` float32 logits never exist whole.
 * ``RunState``: the run directory's metrics logger, checkpointer and step clock; resumes
-  from the latest checkpoint.
+  from the latest checkpoint. A remote (``gs://``) workdir is staged locally
+  (``staging_dir``) and copied up after every checkpoint (``sync_up``).
 * ``validate``: held-out answer reward with a rollout engine and the shared verifier.
 * ``write_generations`` and ``plot_metrics``: what a person reads after a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -279,6 +281,72 @@ def policy_log_probs(
 # --- run state: logging, checkpoints, resume -------------------------------------------
 
 
+# --- run directory ----------------------------------------------------------------
+
+
+# Where the files of a run with a remote (gs://) workdir live until they are copied up.
+STAGING_ENV = "JAXALIGN_STAGING_DIR"
+
+
+def is_remote(path: str) -> bool:
+    """A URL such as ``gs://bucket/run`` (orbax writes there; plain ``open`` cannot)."""
+    return "://" in path
+
+
+def staging_dir(workdir: str) -> Path:
+    """The local directory that holds a remote workdir's files during the run."""
+    root = Path(os.environ.get(STAGING_ENV) or "/tmp/jaxalign-staging")
+    tag = hashlib.sha1(workdir.encode()).hexdigest()[:8]
+    return root / f"{workdir.rstrip('/').rsplit('/', 1)[-1]}-{tag}"
+
+
+# Top-level entries of a run directory that copies leave out: orbax writes the checkpoints
+# to the remote workdir itself; the HF export (GBs) goes up once, at the end.
+SYNC_SKIP = ("checkpoints", "hf")
+
+
+def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",), *,
+              keep_larger: bool = False) -> int:
+    """Copies the files under ``src`` to ``dst`` (local paths or URLs), except ``skip``.
+
+    Args:
+        keep_larger: leave a file alone where ``dst`` already holds one at least as large.
+            A run's logs only grow, so when both sides have one the larger is the newer
+            (a resumed run on the machine that staged it keeps its own, newer files).
+
+    Returns:
+        The number of files copied.
+    """
+    from etils import epath
+
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not src.exists():
+        return 0
+    copied = 0
+    for path in src.iterdir():  # (no rglob: epath refuses "**" for GCS)
+        if path.name in skip:
+            continue
+        if path.is_dir():
+            copied += copy_tree(path, dst / path.name, skip=(), keep_larger=keep_larger)
+            continue
+        target = dst / path.name
+        if keep_larger and target.exists() and target.stat().length >= path.stat().length:
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        path.copy(target, overwrite=True)
+        copied += 1
+    return copied
+
+
+def sync_up(run_dir, workdir: str) -> int:
+    """Process 0 copies a remote workdir's staged files (logs, plots) up; the checkpoints
+    and the HF export stay out. Called after every checkpoint save, so a preempted or
+    killed run loses no logs that its checkpoint already covers."""
+    if not (is_remote(workdir) and jax.process_index() == 0):
+        return 0
+    return copy_tree(run_dir, workdir, skip=SYNC_SKIP)
+
+
 class RunState:
     """The run directory's logger and checkpointer, and the clock of a training loop.
 
@@ -301,9 +369,7 @@ class RunState:
             config=cfg.to_dict(),
         )
         # A remote workdir (gs://): orbax writes the checkpoints there, collectively; the
-        # other files are staged in run_dir and copied up by jaxalign.train.
-        from jaxalign.train import is_remote
-
+        # other files are staged in run_dir and copied up (sync_up).
         remote = is_remote(cfg.workdir)
         self.checkpointer = Checkpointer(
             cfg.workdir.rstrip("/") + "/checkpoints" if remote else self.run_dir / "checkpoints",
@@ -343,8 +409,6 @@ class RunState:
             **extra,
         }
         self.checkpointer.save(step, trainer.params, trainer.opt_state, state)
-        from jaxalign.train import sync_up
-
         try:  # a remote workdir: the logs go up too
             sync_up(self.run_dir, self.cfg.workdir)
         except Exception as e:  # a storage hiccup must not end the run: retried next save

@@ -99,10 +99,6 @@ def _transform_index(key: str) -> int:
     raise KeyError(f"no HF layout rule for parameter {key!r}")
 
 
-def _transform_for(key: str) -> _Transform:
-    return _TRANSFORMS[_transform_index(key)][1]
-
-
 # Layout changes and casts run on the device, one tensor at a time, before the transfer to
 # the host (export) or after the transfer from it (load): NumPy's strided transposes of
 # [out, in] matrices are single-threaded and cache-unfriendly, XLA's are tiled (and, on an
@@ -276,7 +272,8 @@ def from_pretrained(
             file = weight_map[key]
             if file not in handles:
                 handles[file] = _open(file)
-            shape, transform = tuple(var.shape), _transform_for(key)
+            shape, rule = tuple(var.shape), _transform_index(key)
+            transform = _TRANSFORMS[rule][1]
             hf_shape = transform.hf_shape(shape)
             try:
                 tensor = handles[file].get_tensor(key)
@@ -289,7 +286,7 @@ def from_pretrained(
                 )
             if mesh is None:
                 value = _to_jax_on_device(
-                    jnp.asarray(tensor), rule=_transform_index(key), shape=shape,
+                    jnp.asarray(tensor), rule=rule, shape=shape,
                     dtype=jnp.dtype(cfg.param_dtype),
                 )
             else:  # each device copies only its own slice of the host array

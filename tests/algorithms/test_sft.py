@@ -181,8 +181,8 @@ def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatc
     from jaxalign.algorithms import common
 
     bucket = tmp_path / "bucket"  # stands in for gs://: epath copies local paths alike
-    monkeypatch.setattr(train, "is_remote", lambda path: str(path).startswith(str(bucket)))
-    monkeypatch.setenv(train.STAGING_ENV, str(tmp_path / "staging"))
+    monkeypatch.setattr(common, "is_remote", lambda path: str(path).startswith(str(bucket)))
+    monkeypatch.setenv(common.STAGING_ENV, str(tmp_path / "staging"))
     cfg = _sft_config(tmp_path)
     cfg.workdir = str(bucket / "run")
     cfg.train.steps, cfg.checkpoint.save_every = 4, 2
@@ -200,7 +200,7 @@ def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(common.RunState, "save", save_and_look)
     train.run(cfg)
     assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]
-    staged = train.staging_dir(cfg.workdir)
+    staged = common.staging_dir(cfg.workdir)
     remote_log = (bucket / "run" / "metrics.jsonl").read_bytes()
     assert (staged / "metrics.jsonl").read_bytes() == remote_log
 
