@@ -21,13 +21,13 @@ def get_config(preset: str = "demo"):
     c.data = dict(
         source="synthetic",  # synthetic | gsm8k | math | a JSONL file
         data_dir="../shared/data",
-        train_file="",
+        train_file="",  # data.source='math': training problems, as in configs/grpo.py
         template=DEMO_TEMPLATE,
         reward="r1_zero",
         num_train=20000,
         num_eval=256,
         seed=0,
-        skip_invalid=False,
+        skip_invalid=False,  # True: skip bad rows and over-long prompts (counted in the log)
         # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
         synthetic=dict(max_steps=3, max_value=20, max_operand=9),
     )
@@ -48,7 +48,7 @@ def get_config(preset: str = "demo"):
     c.train = dict(loss_chunk_size=0, width_multiple=32)
     c.eval = dict(every=1, temperature=1.0, num_workers=1)
     c.warmstart = dict(sft_steps=0, lr=3e-3, warmup_steps=10, batch_size=64,
-                       seq_buckets=(96,), slip_rate=0.0)
+                       seq_buckets=(96,), slip_rate=0.0, save_every=200)
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.checkpoint.save_every = 1

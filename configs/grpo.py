@@ -26,12 +26,17 @@ def get_config(preset: str = "demo"):
     c.data = dict(
         source="synthetic",  # synthetic | gsm8k | math (MATH500 held out) | a JSONL file
         data_dir="../shared/data",
-        train_file="",  # data.source='math': JSONL of training problems (problem/answer)
+        # data.source='math': JSONL of training problems, MATH- or GSM8K-shaped: a question
+        # (problem | question) and an answer (answer, "#### N" read as N, or the last
+        # \boxed{} of solution); the fields used are printed at load
+        train_file="",
         template=DEMO_TEMPLATE,  # a template name (r1_zero, question_only) or text
         reward="r1_zero",  # r1_zero | question_only
         num_train=20000,
         num_eval=256,
         seed=0,
+        # bad rows and prompts + sampling.max_tokens over the model's context: False stops
+        # the run with file:line, True skips them (counted in the log)
         skip_invalid=False,
         # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
         synthetic=dict(max_steps=3, max_value=20, max_operand=9),
@@ -90,6 +95,7 @@ def get_config(preset: str = "demo"):
         batch_size=64,
         seq_buckets=(96,),
         slip_rate=0.0,
+        save_every=200,  # warm-start checkpoints: a killed warm start resumes from the last
     )
     c.checkpoint.save_every = 10
     c.optim.grad_accum_steps = 1

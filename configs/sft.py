@@ -21,7 +21,7 @@ def get_config(preset: str = "tiny"):
     c = base_config("sft", "sft")
 
     c.data = dict(
-        source="gsm8k",  # gsm8k | synthetic | a .jsonl with prompt/response fields
+        source="gsm8k",  # gsm8k | synthetic | a .jsonl of {"prompt": text, "response": text}
         data_dir="../shared/data",
         template="r1_zero",  # prompt template name or text with {question}
         reward="r1_zero",  # r1_zero | question_only (validation reward)
@@ -29,7 +29,7 @@ def get_config(preset: str = "tiny"):
         num_eval=256,
         slip_rate=0.0,  # synthetic only: fraction of traces with an arithmetic slip
         seed=0,
-        skip_invalid=False,
+        skip_invalid=False,  # True: skip bad rows (counted in the log) instead of stopping
         # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
         synthetic=dict(max_steps=3, max_value=20, max_operand=9),
     )

@@ -30,8 +30,12 @@ split ``--split``); files and datasets take ``--fields question=...,answer=...``
   ``report.md`` (the tables), ``accuracy.png``, ``lengths.png`` and, when budget forcing
   sweeps several budgets, ``budget.png``.
 
-Sampling seeds are fixed per batch of ``--batch-size`` examples, so a re-run with the same
-settings reproduces the samples of an uninterrupted one (up to engine nondeterminism).
+Every problem is sampled from its own seed, derived from ``--seed``, the benchmark's name
+and the problem's id and text (``jaxalign.evaluation.problem_seeds``), not from its
+position: benchmarks do not share sampling noise, and a resumed, reordered or re-limited
+run draws for each problem what an uninterrupted in-order run draws (up to engine
+nondeterminism). The budgets of a ``--budget-forcing`` sweep share a problem's seed, so
+they differ by the budget alone.
 Accuracy, lengths and truncation are computed by the same functions as training's
 ``eval/*`` metrics (``jaxalign.evaluation``).
 """
@@ -65,6 +69,9 @@ from jaxalign.verify import DEFAULT_TIMEOUT, extract_boxed
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("jax", "vllm", "sidecar:URL[,URL...]")
 PROMPTS = (*TEMPLATE_NAMES, evaluation.CHAT)
+# How samples are seeded, recorded in run.json: an --out holding samples seeded another way
+# (by batch, before issue #19) is not resumed, since the two kinds would mix in one file.
+SEEDING = "per problem: sha256(seed, benchmark, id, question)"
 # ``--fields parse=...``: how a JSONL or HF dataset's answer field becomes the gold answer.
 ANSWER_PARSERS = {"none": None, "gsm8k": gsm8k_final_answer, "boxed": extract_boxed}
 
@@ -137,7 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
                     "generating (fields: benchmark, index or id, response[, sample, length, "
                     "finish_reason])")
     ap.add_argument("--batch-size", type=int, default=d.batch_size,
-                    help="problems per generate call (the most a kill can lose)")
+                    help="problems generated, scored and saved together (the most a kill "
+                    "can lose)")
     ap.add_argument("--engine-batch", type=int, default=d.engine_batch,
                     help="jax engine: rows per micro-batch")
     ap.add_argument("--dtype", default=d.dtype, help="compute dtype: float32 | bfloat16")
@@ -565,7 +573,7 @@ class Plan:
         template: the prompt template (a name or text with ``{question}``).
         reward: the verifier reward.
         budgets: budget-forcing settings to sweep (``[None]``: none).
-        sampling: sampling parameters (each batch gets its own seed).
+        sampling: sampling parameters (its seed is replaced by each problem's own).
         source: where the weights come from (None: saved responses, or a sidecar alone).
         engine: ``"jax"``, ``"vllm"``, ``"sidecar"`` or ``"responses"``.
         benchmarks: examples per benchmark name.
@@ -635,7 +643,7 @@ def plan(cfg: EvalConfig) -> Plan:
         model = source.describe() if source else f"(served by {cfg.engine})"
         settings = {"mode": "generate", "model": model, "n": cfg.n,
                     "temperature": cfg.temperature, "top_p": cfg.top_p,
-                    "max_tokens": cfg.max_tokens, "seed": cfg.seed}
+                    "max_tokens": cfg.max_tokens, "seed": cfg.seed, "seeding": SEEDING}
     settings.update(prompt=template, reward=reward, split=cfg.split, fields=cfg.fields)
     return Plan(template, reward, budgets, sampling, source, engine,
                 load_benchmarks(cfg, specs), settings)
@@ -704,8 +712,11 @@ def generate(cfg: EvalConfig, p: Plan, out: Path):
             done = store.done(cfg.n)
             todo = [i for i in range(len(examples)) if i not in done]
             bar = _progress(cfg, run_name, len(examples), len(examples) - len(todo))
-            # Fixed batches over the whole benchmark, each with its own seed: a resumed run
-            # samples its remaining batches exactly as an uninterrupted one would.
+            # Seeded by benchmark name (not run name): the budgets of a sweep sample each
+            # problem with the same noise, so they differ by the budget alone.
+            seeds = evaluation.problem_seeds(cfg.seed, name, examples)
+            # Batches only bound what a kill can lose: a problem's samples depend on its
+            # own seed, not on its batch, so skipping done problems changes nothing.
             for start in range(0, len(examples), cfg.batch_size):
                 batch = [i for i in range(start, min(start + cfg.batch_size, len(examples)))
                          if i not in done]
@@ -714,8 +725,7 @@ def generate(cfg: EvalConfig, p: Plan, out: Path):
                 try:
                     records = evaluation.rollout_and_score(
                         engine, [examples[i] for i in batch], template=p.template,
-                        reward=p.reward,
-                        sampling=dataclasses.replace(p.sampling, seed=cfg.seed + start),
+                        reward=p.reward, sampling=p.sampling, seeds=[seeds[i] for i in batch],
                         num_workers=cfg.num_workers, budget=budget, tokenizer=tokenizer,
                         timeout=cfg.grading_timeout, indices=batch)
                 except _engine_errors() as e:  # e.g. a sidecar refusing an over-long prompt

@@ -15,11 +15,59 @@ parameters of that step; ``jaxalign.models.save_pretrained`` writes the HF direc
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, lost storage): the run stops cleanly.
+
+    The message names the step, the directory, the free space there and the last good
+    checkpoint, which a failed save never touches (orbax writes a step into a temporary
+    directory and renames it only when complete; older steps are deleted only after that).
+    """
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    text = text[0] if text else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _free_space(directory: str) -> str:
+    if "://" in directory:
+        return "unknown (remote storage)"
+    path = directory
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        usage = shutil.disk_usage(path or ".")
+    except OSError:
+        return "unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drops orbax's own error reports of a failed background save.
+
+    When a write fails (a full disk), every orbax thread involved logs the same exception
+    with its traceback (hundreds of lines for one failure), and the error surfaces again at
+    the next save. ``Checkpointer`` reports the failure itself, once, as a
+    ``CheckpointError``; nothing is lost by dropping these duplicates.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_QUIET = _QuietOrbaxErrors()
 
 
 def _abstract(tree):
@@ -52,12 +100,20 @@ class Checkpointer:
             os.path.abspath(os.fspath(directory)) if "://" not in str(directory) else str(directory)
         )
         self.save_every = save_every
+        self._pending: int | None = None  # the step of an asynchronous save in flight
+        self._failed = False
+        for name in ("absl", "orbax"):  # (absl routes orbax's absl.logging calls here)
+            if _QUIET not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 enable_async_checkpointing=async_save,
                 create=True,
+                # A save that failed half-way (a full disk) leaves a temporary directory;
+                # the next run removes it instead of tripping over it.
+                cleanup_tmp_directories=True,
             ),
         )
 
@@ -70,15 +126,60 @@ class Checkpointer:
     def save(
         self, step: int, params, opt_state, extra: dict[str, Any] | None = None, force: bool = True
     ) -> bool:
-        """Writes checkpoint ``step`` (``extra`` must be JSON-serialisable)."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                extra=ocp.args.JsonSave(dict(extra or {}, step=step)),
-            ),
-            force=force,
-        )
+        """Writes checkpoint ``step`` (``extra`` must be JSON-serialisable).
+
+        Raises:
+            CheckpointError: this save, or the asynchronous save before it, failed.
+        """
+        self._check_pending()
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                    extra=ocp.args.JsonSave(dict(extra or {}, step=step)),
+                ),
+                force=force,
+            )
+        except Exception as e:
+            # orbax raises a failed asynchronous save at the next save: blame the right step
+            pending = self._pending
+            finished = self._finished_steps()
+            raise self._failure(pending if pending is not None and pending not in finished
+                                else step, e, finished) from None
+        self._pending = step
+        return saved
+
+    def _check_pending(self) -> None:
+        """Raises the failure of the asynchronous save in flight, if it failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failure(self._pending, e) from None
+
+    def _failure(self, step: int | None, error: BaseException,
+                 finished: list[int] | None = None) -> CheckpointError:
+        """The error to raise; also stops orbax's threads, so the process can exit quietly."""
+        self._failed = True
+        finished = self._finished_steps() if finished is None else finished
+        good = [s for s in finished if s != step]
+        try:
+            self.manager.close()
+        except Exception:  # it re-raises the same failure: already being reported
+            pass
+        last = (f"the last good checkpoint is step {good[-1]}, intact: a restart with the same "
+                "workdir resumes from it" if good else "there is no earlier checkpoint")
+        return CheckpointError(
+            f"saving checkpoint step {step} to {self.directory} failed: {_first_line(error)} "
+            f"(free space there: {_free_space(self.directory)}); {last}. Free some space "
+            "(or fix the storage) and rerun the same command.")
+
+    def _finished_steps(self) -> list[int]:
+        try:
+            self.manager.reload()
+            return sorted(self.manager.all_steps())
+        except Exception:  # the storage itself is failing: report what we can
+            return []
 
     def maybe_save(self, step: int, params, opt_state, extra=None) -> bool:
         if step % self.save_every:
@@ -114,19 +215,39 @@ class Checkpointer:
         return state["params"], state["opt_state"], dict(restored["extra"])
 
     def wait(self):
-        """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk.
+
+        Raises:
+            CheckpointError: the save in flight failed.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failure(self._pending, e) from None
+        self._check_pending()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight, then releases orbax's threads.
+
+        Raises:
+            CheckpointError: the save in flight failed (not again once already raised).
+        """
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # a failed save was already reported
+                if not self._failed:
+                    raise
 
 
-def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
-    """The steps saved under ``run_dir/checkpoints`` (ascending; empty if none)."""
+def checkpoint_steps(run_dir: str | os.PathLike, name: str = "checkpoints") -> list[int]:
+    """The steps saved under ``run_dir/<name>`` (ascending; empty if none)."""
     from etils import epath  # local paths and gs:// alike
 
-    directory = epath.Path(run_dir) / "checkpoints"
+    directory = epath.Path(run_dir) / name
     if not directory.is_dir():
         return []
     return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())

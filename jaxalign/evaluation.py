@@ -18,6 +18,11 @@ Pieces:
   ``ground_truth``, ``extracted``, rewards, ``length`` in tokens, ``finish_reason``, ...).
   ``score_responses`` builds them from any text (saved generations included);
   ``rollout_and_score`` generates first, optionally with budget forcing.
+* sampling streams: ``problem_seeds`` gives each problem a seed derived from the problem
+  itself (the run's seed, the benchmark's name, the problem's id and text), and
+  ``generate_seeded`` samples every problem from its own seed. So two benchmarks never
+  share noise at the same position, and a resumed, reordered or re-limited evaluation
+  draws for each problem exactly what an uninterrupted in-order run draws.
 * metrics: pure functions of counts or records: ``pass_at_k`` (the unbiased estimator of
   Chen et al. 2021), ``majority_correct`` / ``maj_at_k``, ``wilson_interval``,
   ``outcome_counts`` (the three CS336 categories),
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import inspect
 import json
 import logging
 import math
@@ -198,6 +205,104 @@ def score_responses(
     return records
 
 
+def problem_seeds(seed: int, benchmark: str, examples: Sequence) -> list[int]:
+    """One sampling seed per problem, derived from the problem rather than its position.
+
+    The first 31 bits of ``sha256(json([seed, benchmark, id, question]))``. Engines seed a
+    generate call with one number and tell its rows apart by position (``JaxEngine``: row
+    ``i * n + j`` of the call), so seeding by batch made problem ``i`` of every benchmark
+    draw the same noise, and made a problem's samples depend on which problems shared its
+    batch: a resumed run or a larger ``--limit`` sampled the rest differently. Hashing
+    what identifies the problem fixes both; the row's ``source`` (file and line) is left
+    out, so a reordered file keeps each problem's seed. Problems with the same id and
+    question in one benchmark are the same problem and get the same seed. 31 bits is a
+    valid seed for every engine (``jax.random.key`` keeps 32; the sidecar takes
+    ``[0, 2**32)``).
+
+    Args:
+        seed: the run's seed (``--seed``).
+        benchmark: the benchmark's name; different names give unrelated seeds.
+        examples: ``MathExample``s (their ``id`` and ``question`` are used).
+
+    Returns:
+        ``[E]`` seeds in ``[0, 2**31)``.
+    """
+    out = []
+    for e in examples:
+        key = json.dumps([int(seed), benchmark, e.id, e.question], ensure_ascii=False)
+        digest = hashlib.sha256(key.encode()).digest()
+        out.append(int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+    return out
+
+
+_UNBATCHED_WARNED: set[type] = set()  # engine types already reported as unbatched
+
+
+def _takes_seeds(engine) -> bool:
+    """Whether ``engine.generate`` accepts per-prompt seeds (a ``seeds=`` keyword)."""
+    try:
+        return "seeds" in inspect.signature(engine.generate).parameters
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+
+
+def generate_seeded(
+    engine,
+    prompts: Sequence,
+    sampling,
+    seeds: Sequence[int],
+    *,
+    budget=None,
+    tokenizer=None,
+) -> list[list]:
+    """``engine.generate`` where prompt ``i`` draws from its own seed ``seeds[i]``.
+
+    Prompt ``i`` gets exactly what ``engine.generate([prompts[i]],
+    replace(sampling, seed=seeds[i]))`` gives: its samples depend on its seed and sample
+    number alone, not on the other prompts of the call or their order.
+
+    An engine whose ``generate`` takes ``seeds=`` (one per prompt, with that contract) gets
+    one batched call. Engines without it seed a whole call with one number: ``JaxEngine``
+    tells rows apart by position, ``VllmEngine`` hands the one seed to every request of
+    the call. So each prompt is generated in a call of its own: the samples are right, but
+    prompts are not batched together (a warning says so, once per engine type). Budget
+    forcing is a loop of calls per prompt, so it always runs prompt by prompt.
+
+    Args:
+        engine: a ``jaxalign.rollout.RolloutEngine``.
+        prompts: ``[P]`` prompt texts or token-id lists.
+        sampling: ``jaxalign.rollout.SamplingParams``; its ``seed`` is replaced.
+        seeds: ``[P]`` seeds (``problem_seeds``).
+        budget: optional ``jaxalign.rollout.budget.BudgetForcing``.
+        tokenizer: the model's tokenizer (needed for budget forcing).
+
+    Returns:
+        ``[P][sampling.n]`` completions, in the order of ``prompts``.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: one per prompt")
+    if budget is None and _takes_seeds(engine):
+        return engine.generate(list(prompts), sampling, seeds=[int(s) for s in seeds])
+    if budget is None and type(engine) not in _UNBATCHED_WARNED:
+        _UNBATCHED_WARNED.add(type(engine))
+        logger.warning("%s.generate takes no per-prompt seeds: each problem is generated in "
+                       "a call of its own (the samples are right, but problems are not "
+                       "batched together, which is slower)", type(engine).__name__)
+    if budget is not None:
+        from jaxalign.rollout.budget import generate_with_budget
+
+        if tokenizer is None:
+            raise ValueError("budget forcing needs the model's tokenizer")
+    out = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        params = dataclasses.replace(sampling, seed=int(seed))
+        if budget is None:
+            out.extend(engine.generate([prompt], params))
+        else:
+            out.extend(generate_with_budget(engine, tokenizer, [prompt], params, budget))
+    return out
+
+
 def rollout_and_score(
     engine,
     examples: Sequence,
@@ -210,6 +315,7 @@ def rollout_and_score(
     tokenizer=None,
     timeout: float = DEFAULT_TIMEOUT,
     indices: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Generates ``sampling.n`` responses per example with ``engine`` and scores them.
 
@@ -225,15 +331,24 @@ def rollout_and_score(
         tokenizer: for ``"chat"`` prompts and budget forcing (default: ``engine.tokenizer``).
         timeout: seconds per grading call.
         indices: each example's index in its benchmark (default ``0..E-1``).
+        seeds: one seed per example (``problem_seeds``): each example is then sampled from
+            its own seed, whatever else is in the call (``generate_seeded``). None: one
+            call seeded with ``sampling.seed``, rows told apart by position (what the
+            training loops' validation does: a fixed set, always sampled in one order).
 
     Returns:
         The records of ``score_responses``, example-major.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     prompts = [build_prompt(template, e.question, tokenizer) for e in examples]
+    if seeds is not None and len(seeds) != len(examples):
+        raise ValueError(f"{len(seeds)} seeds for {len(examples)} examples: one per example")
     if not prompts:
         return []
-    if budget is None:
+    if seeds is not None:
+        outs = generate_seeded(engine, prompts, sampling, seeds, budget=budget,
+                               tokenizer=tokenizer)
+    elif budget is None:
         outs = engine.generate(prompts, sampling)
     else:
         from jaxalign.rollout.budget import generate_with_budget
@@ -246,8 +361,12 @@ def rollout_and_score(
                            num_workers=num_workers, timeout=timeout, indices=indices)
 
 
-def evaluate_sets(engine, sets: Mapping[str, Sequence], **kwargs: Any):
+def evaluate_sets(engine, sets: Mapping[str, Sequence], *, sampling, **kwargs: Any):
     """``rollout_and_score`` + ``reward_metrics`` on several held-out sets.
+
+    Each set is sampled with ``problem_seeds(sampling.seed, <set name>, ...)``, so the sets
+    are statistically independent (one seed for all would give problem ``i`` of every set
+    the same noise).
 
     Returns:
         ``(metrics, records)``: metrics keyed ``"<set>/<metric>"`` (e.g.
@@ -255,7 +374,9 @@ def evaluate_sets(engine, sets: Mapping[str, Sequence], **kwargs: Any):
     """
     metrics, records = {}, {}
     for name, examples in sets.items():
-        records[name] = rollout_and_score(engine, examples, **kwargs)
+        seeds = problem_seeds(sampling.seed, name, examples)
+        records[name] = rollout_and_score(engine, examples, sampling=sampling, seeds=seeds,
+                                          **kwargs)
         metrics.update({f"{name}/{k}": v for k, v in reward_metrics(records[name]).items()})
     return metrics, records
 

@@ -30,9 +30,11 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxalign import distributed
+from jaxalign import cli, distributed
 from jaxalign.algorithms import common
 from jaxalign.algorithms.common import ConfigError, validate_common
+from jaxalign.checkpoint import CheckpointError
+from jaxalign.data.datasets import DataError
 
 # The loops a config can name (each module has ``validate(cfg)`` and ``run(cfg, run_dir)``).
 ALGORITHMS = {
@@ -51,23 +53,45 @@ def validate(cfg: ml_collections.ConfigDict):
 
 
 def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
-    """``cfg.workdir`` (default ``runs/<name>-<timestamp>``), with ``config.json`` written.
+    """``cfg.workdir`` (default ``runs/<name>-<timestamp>``), checked and ready for the run.
 
-    A ``workdir`` that already holds checkpoints is resumed by the algorithm. Every process
-    gets process 0's directory (each would stamp its own time). For a remote ``workdir``
-    this is the local staging directory (``common.staging_dir``); process 0 first copies down
-    what an earlier attempt left in the workdir (``common.copy_tree``'s ``keep_larger``), and
-    copies the staged files up after every checkpoint save (``common.sync_up``) and at the end.
+    A ``workdir`` that already holds checkpoints is resumed by the algorithm, but only with a
+    config that fits them: ``jaxalign.rundir.check_resume`` runs first and a refusal is a
+    ``ConfigError`` with the run directory untouched. ``config.json`` is written only for a
+    fresh run (a resumed run keeps the config it was started with; each resume is recorded
+    in ``resumes.jsonl`` once its checkpoint is restored). Every process gets process 0's
+    directory (each would stamp its own time). For a remote ``workdir`` this is the local
+    staging directory (``common.staging_dir``); process 0 first copies down what an earlier
+    attempt left in the workdir (``common.copy_tree``'s ``keep_larger``), and copies the
+    staged files up after every checkpoint save (``common.sync_up``) and at the end.
     """
+    from jaxalign import rundir
+    from jaxalign.checkpoint import checkpoint_steps
+
     workdir = distributed.broadcast_object(
         cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     run_dir = common.staging_dir(workdir) if common.is_remote(workdir) else Path(workdir)
+    error = None
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if common.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
-            common.copy_tree(workdir, run_dir, skip=common.SYNC_SKIP, keep_larger=True)
-        (run_dir / "config.json").write_text(cfg.to_json_best_effort(indent=2, sort_keys=True))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".jaxalign-write-test"  # a read-only mount fails here, not later
+            probe.write_text("")
+            probe.unlink()
+            if common.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
+                common.copy_tree(workdir, run_dir, skip=common.SYNC_SKIP, keep_larger=True)
+            if checkpoint_steps(workdir) or checkpoint_steps(workdir, "warmstart_checkpoints"):
+                error = rundir.check_resume(run_dir, cfg.to_dict())
+            else:  # a fresh run (or one killed before its first checkpoint)
+                (run_dir / rundir.CONFIG_FILE).write_text(
+                    cfg.to_json_best_effort(indent=2, sort_keys=True))
+        except OSError as e:
+            error = (f"config.workdir={workdir!r}: cannot write the run directory "
+                     f"{run_dir} ({e.strerror or e}); choose a writable directory")
+    error = distributed.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
     if not common.is_remote(workdir):  # (a remote workdir's staging directory is local by design)
         try:
             distributed.check_shared_directory(run_dir)
@@ -107,8 +131,31 @@ def main(argv):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0 and summary is not None:
         print(json.dumps(summary, indent=2, default=str))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a mistake in the command line reported in one line.
+
+    ``--config.train.foo=1`` would otherwise end a long traceback with
+    ``AttributeError: "'foo'"``: unknown fields are named with the closest real ones.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit:
+        raise
+    except Exception as e:  # flags.Error, and what ml_collections raises for a bad field
+        print(f"config error: {cli.explain_flag_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -118,4 +165,4 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file(
         "config", None, "a configs/<algo>.py file (':preset' selects a preset)", lock_config=True
     )
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

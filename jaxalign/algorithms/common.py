@@ -302,7 +302,7 @@ def staging_dir(workdir: str) -> Path:
 
 # Top-level entries of a run directory that copies leave out: orbax writes the checkpoints
 # to the remote workdir itself; the HF export (GBs) goes up once, at the end.
-SYNC_SKIP = ("checkpoints", "hf")
+SYNC_SKIP = ("checkpoints", "warmstart_checkpoints", "hf")
 
 
 def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",), *,
@@ -351,52 +351,97 @@ class RunState:
     """The run directory's logger and checkpointer, and the clock of a training loop.
 
     ``resume(trainer, data_iterators)`` restores the latest checkpoint (if any) into the
-    trainer and iterators and returns the ``extra`` dict saved with it (step, RNG, ...).
+    trainer and iterators and returns the ``extra`` dict saved with it (step, RNG, ...). It
+    also opens the metrics log, after dropping what a killed attempt logged past that
+    checkpoint (``jaxalign.rundir.truncate_log``), so ``log`` works only after ``resume``.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
         from jaxalign.checkpoint import Checkpointer
-        from jaxalign.logging import MetricsLogger
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.is_main = jax.process_index() == 0
-        self.logger = MetricsLogger(
-            run_dir,
-            wandb_mode=cfg.log.wandb_mode,
-            wandb_project=cfg.log.wandb_project,
-            run_name=self.run_dir.name,
-            config=cfg.to_dict(),
-        )
-        # A remote workdir (gs://): orbax writes the checkpoints there, collectively; the
-        # other files are staged in run_dir and copied up (sync_up).
-        remote = is_remote(cfg.workdir)
+        self.logger = None  # opened by resume()
         self.checkpointer = Checkpointer(
-            cfg.workdir.rstrip("/") + "/checkpoints" if remote else self.run_dir / "checkpoints",
+            self.checkpoint_dir("checkpoints"),
             max_to_keep=cfg.checkpoint.max_to_keep,
             save_every=cfg.checkpoint.save_every,
             async_save=cfg.checkpoint.async_save,
         )
         self.start_time = time.time()
 
+    def checkpoint_dir(self, name: str):
+        """Where checkpoints called ``name`` go: under a remote (gs://) workdir itself (orbax
+        writes there, collectively; the other files are staged in run_dir and copied up by
+        ``sync_up``), else under the run directory."""
+        if is_remote(self.cfg.workdir):
+            return self.cfg.workdir.rstrip("/") + "/" + name
+        return self.run_dir / name
+
     def resume(self, trainer, iterators: dict[str, Any]) -> dict[str, Any] | None:
-        """Loads the latest checkpoint into ``trainer`` and ``iterators``; None if there is none."""
+        """Loads the latest checkpoint into ``trainer`` and ``iterators``; None if there is none.
+
+        Raises:
+            ConfigError: the checkpoint does not fit this run's model or optimizer (nothing
+                in the run directory has been changed).
+        """
+        from jaxalign import rundir
+
         step = self.checkpointer.latest_step()
         if step is None:
+            self._open_log(last_step=-1)  # a fresh start: nothing logged before counts
             return None
-        params, opt_state, extra = self.checkpointer.restore(trainer.params, trainer.opt_state)
+        try:
+            params, opt_state, extra = self.checkpointer.restore(trainer.params,
+                                                                 trainer.opt_state)
+        except Exception as e:  # orbax: a shape, dtype or tree-structure mismatch
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise ConfigError(
+                f"checkpoint step {step} in {self.checkpointer.directory} does not fit this "
+                f"config ({lines[0][:300]}). Nothing in the run directory was changed: resume "
+                "with the config the run was started with (its config.json), or set "
+                "config.workdir to a new directory") from None
         trainer.params, trainer.opt_state = params, opt_state
         trainer.step = int(extra["trainer_step"])
         for name, it in iterators.items():
             it.set_state(extra["data"][name])
         logger.info("resumed from %s step %d", self.checkpointer.directory, step)
+        self._open_log(last_step=step)
         if self.is_main:
+            rundir.record_resume(self.run_dir, self.cfg.to_dict(), step)
             print(f"resumed from checkpoint step {step} in {self.checkpointer.directory}")
         return extra
 
+    def _open_log(self, last_step: int) -> None:
+        """Drops the records past ``last_step`` (a killed attempt's), then opens the log."""
+        from jaxalign import rundir
+        from jaxalign.logging import MetricsLogger
+
+        if self.is_main:
+            for name in ("metrics.jsonl", "generations.jsonl"):
+                dropped = rundir.truncate_log(self.run_dir / name, last_step)
+                if dropped:
+                    logger.warning("%s: dropped %d records logged after step %d by the "
+                                   "attempt that was stopped; they are logged again", name,
+                                   dropped, last_step)
+        cfg = self.cfg
+        self.logger = MetricsLogger(
+            self.run_dir,
+            wandb_mode=cfg.log.wandb_mode,
+            wandb_project=cfg.log.wandb_project,
+            run_name=self.run_dir.name,
+            config=cfg.to_dict(),
+        )
+
     def save(self, step: int, trainer, iterators: dict[str, Any], *, force: bool = False,
              **extra: Any) -> None:
-        """Saves at ``step`` every ``checkpoint.save_every`` steps (or when ``force``)."""
+        """Saves at ``step`` every ``checkpoint.save_every`` steps (or when ``force``).
+
+        Raises:
+            CheckpointError: this save or the one before it failed (the loop stops; the
+                last good checkpoint is left as it is).
+        """
         every = self.cfg.checkpoint.save_every
         if not force and (every <= 0 or step % every):
             return
@@ -416,11 +461,15 @@ class RunState:
                            "checkpoint", self.cfg.workdir, type(e).__name__, e)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.logger is None:
+            raise RuntimeError("RunState.log before RunState.resume: resume() decides which "
+                               "logged steps stand and opens the log")
         self.logger.log(step, {k: _scalar(v) for k, v in metrics.items()})
 
     def close(self) -> None:
         self.checkpointer.close()
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 def _scalar(v: Any) -> Any:
@@ -524,7 +573,8 @@ def plot_metrics(run_dir: Path, panels: Sequence[tuple[str, Sequence[str]]],
 
     from jaxalign.logging import read_metrics
 
-    # A resumed run re-logs the steps after its checkpoint: the last record of a step wins.
+    # (Each step is logged once, a resumed run drops what a killed attempt logged after its
+    # checkpoint: jaxalign.rundir.truncate_log. The last record of a step wins regardless.)
     records = list({r["step"]: r for r in read_metrics(Path(run_dir) / "metrics.jsonl")}.values())
     records.sort(key=lambda r: r["step"])
     panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels]

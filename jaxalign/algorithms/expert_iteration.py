@@ -176,10 +176,11 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     if extra:
         ei.engine.update_weights(ei.trainer.model())
         eval_before = extra.get("eval_before", {})
+        ei.warmstart_result = extra.get("warmstart", {})
     else:
         eval_before = ei.evaluate(0)
         ei.run.save(0, ei.trainer, {"questions": ei.questions}, force=True,
-                    eval_before=eval_before)
+                    eval_before=eval_before, warmstart=ei.warmstart_result)
     eval_after: dict[str, float] = {}
     bar = tqdm(range(start + 1, n + 1), desc="expert iteration", initial=start, total=n,
                disable=not (cfg.log.progress and jax.process_index() == 0))
@@ -190,7 +191,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         if step == n or (cfg.eval.every and step % cfg.eval.every == 0):
             eval_after = ei.evaluate(step)
         ei.run.save(step, ei.trainer, {"questions": ei.questions}, force=step == n,
-                    eval_before=eval_before)
+                    eval_before=eval_before, warmstart=ei.warmstart_result)
     if not eval_after and start >= n:
         eval_after = ei.evaluate(n)
     if cfg.checkpoint.export_hf:

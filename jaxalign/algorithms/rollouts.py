@@ -24,6 +24,7 @@ seeds, so the same result); only process 0 writes it.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import urllib.parse
@@ -34,17 +35,23 @@ import jax
 import ml_collections
 
 from jaxalign.algorithms import common
-from jaxalign.algorithms.common import check
+from jaxalign.algorithms.common import ConfigError, check
+from jaxalign.data import datasets
+
+logger = logging.getLogger(__name__)
 
 
 def load_questions(data: ml_collections.ConfigDict):
     """``(train, held_out)`` lists of ``MathExample`` for ``data.source``.
 
     ``synthetic``: generated arithmetic problems; ``gsm8k``: GSM8K train / test;
-    ``math``: questions from ``data.train_file``, MATH500 held out; a JSONL path: its rows
-    (``problem``/``question`` and ``answer`` fields), no held-out set.
+    ``math``: questions from ``data.train_file``, MATH500 held out; a JSONL path: its rows,
+    no held-out set. A training file may be MATH- or GSM8K-shaped: only a question
+    (``problem`` or ``question``) and an answer (``answer``, GSM8K's ``#### N``, or the last
+    ``\\boxed{}`` of ``solution``) are required (``datasets.load_problems``); which fields
+    were used is printed.
     """
-    from jaxalign.data import datasets, synthetic
+    from jaxalign.data import synthetic
 
     if data.source == "synthetic":
         return synthetic.split_problems(data.num_train, data.num_eval, data.seed,
@@ -53,20 +60,58 @@ def load_questions(data: ml_collections.ConfigDict):
         train = datasets.load_benchmark("gsm8k", data.data_dir, "train",
                                         skip_invalid=data.skip_invalid)
         held_out = datasets.load_benchmark("gsm8k", data.data_dir, "test")
-    elif data.source == "math":
-        # MATH500 is held out; MATH train is not in ../shared/data, so the user supplies it.
-        check(bool(data.train_file), "data.source='math' needs data.train_file (a JSONL "
-              "with problem and answer fields)")
-        train = datasets.load_jsonl(data.train_file, datasets.BENCHMARKS["math500"],
-                                    skip_invalid=data.skip_invalid)
-        held_out = datasets.load_benchmark("math500", data.data_dir, "test")
     else:
-        train = datasets.load_jsonl(data.source, datasets.BENCHMARKS["math500"],
-                                    skip_invalid=data.skip_invalid)
-        held_out = []
+        # data.source='math': MATH500 is held out; MATH train is not in ../shared/data, so the
+        # user supplies it. A JSONL source: its rows, nothing held out.
+        field, path = _problem_file(data)
+        check(bool(path), "data.source='math' needs data.train_file (a JSONL of problems)")
+        train, fields = datasets.load_problems(path, skip_invalid=data.skip_invalid)
+        line = f"{field} {path}: {len(train)} problems, {datasets.describe_fields(fields)}"
+        logger.info(line)
+        if jax.process_index() == 0:
+            print(line)
+        held_out = (datasets.load_benchmark("math500", data.data_dir, "test")
+                    if data.source == "math" else [])
     if data.num_train:
         train = train[: data.num_train]
     return train, held_out[: data.num_eval]
+
+
+def _problem_file(data: ml_collections.ConfigDict) -> tuple[str, str]:
+    """``(config field, path)`` of the JSONL of training problems a data block names."""
+    if data.source == "math":
+        return "train_file", data.train_file
+    return "source", data.source
+
+
+def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens: int,
+                             context: int, skip: bool, what: str, fix: str) -> list:
+    """The ``MathExample`` questions whose prompt leaves room for ``new_tokens`` generated
+    tokens within the model's ``context`` (``max_position_embeddings``).
+
+    Checked when the data is loaded, with the tokenizer and model config at hand, so an
+    over-long prompt stops the run before anything compiles rather than sampling quietly
+    wrong tokens past the context. With ``skip`` (``data.skip_invalid``) they are dropped and
+    counted in a warning instead (``jaxalign.data.tokenize.fit_to_context``).
+
+    Raises:
+        ConfigError: some prompts do not fit and not ``skip``: how many, the longest, the
+            limit and ``fix`` (what to change).
+    """
+    from jaxalign.data.prompts import format_prompt
+    from jaxalign.data.tokenize import fit_to_context
+
+    if not questions:
+        return []
+    prompts = [format_prompt(template, q.question) for q in questions]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    names = [q.source or f"row {i}" for i, q in enumerate(questions)]
+    try:
+        kept = fit_to_context(lengths, new_tokens, context, skip=skip, names=names, what=what,
+                              fix=fix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return [questions[i] for i in kept]
 
 
 def sidecar_urls(urls: str) -> list[str]:
@@ -102,7 +147,8 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
               f"config.engine.urls has sidecars on other hosts ({', '.join(remote)}); they "
               "cannot read this machine's /dev/shm, where the weights go by default: set "
               "config.engine.export_dir to a directory every sidecar host reads (a shared "
-              "filesystem; the same path on every host)")
+              "filesystem; the same path on every host), and start those sidecars with "
+              "--weights-root on it (they load weights only from under that root)")
     check(cfg.data.reward in ("r1_zero", "question_only"),
           f"config.data.reward={cfg.data.reward!r}; choose r1_zero or question_only")
     check(cfg.data.source in ("synthetic", "gsm8k", "math") or Path(cfg.data.source).is_file(),
@@ -114,7 +160,16 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.data.source == "math":
         check(bool(cfg.data.train_file) and Path(cfg.data.train_file).is_file(),
               f"config.data.source='math' needs config.data.train_file, a JSONL of training "
-              f"problems with problem and answer fields (got {cfg.data.train_file!r})")
+              f"problems: a question ('problem' or 'question') and an answer ('answer', or "
+              f"'solution' with \\boxed{{}}) per row (got {cfg.data.train_file!r})")
+    if cfg.data.source not in ("synthetic", "gsm8k"):
+        # Read the file's first row now, not after the model has loaded: a file without a
+        # question or an answer field is known here.
+        field, path = _problem_file(cfg.data)
+        try:
+            datasets.problem_file_fields(path, skip_invalid=cfg.data.skip_invalid)
+        except datasets.DataError as e:
+            raise ConfigError(f"config.data.{field}={path!r}: {e}") from None
     if cfg.warmstart.sft_steps:
         check(cfg.data.source == "synthetic",
               "config.warmstart.sft_steps > 0 needs data.source='synthetic' (it trains on "
@@ -140,6 +195,7 @@ class PolicyRun:
         self.mesh = common.mesh_from_config(cfg)
         self.policy, self.tokenizer = common.build_model_and_tokenizer(cfg.model, self.mesh)
         self.train_questions, self.held_out = load_questions(cfg.data)
+        self._fit_to_context(cfg)
         check(len(self.train_questions) >= prompts_per_step,
               f"{len(self.train_questions)} training questions < the {prompts_per_step} "
               "prompts of one step")
@@ -156,31 +212,87 @@ class PolicyRun:
             seed=cfg.seed, num_epochs=None)
         self.engine = None
 
-    def _warm_start(self, model):
-        """Short SFT on generated traces (the demo's starting policy); logs warmstart.jsonl."""
+    def _fit_to_context(self, cfg: ml_collections.ConfigDict) -> None:
+        """Holds the data to the policy's ``max_position_embeddings`` before anything compiles:
+        prompt + ``sampling.max_tokens`` (the engine's samples and the trainer's forward over
+        them), and the warm start's widths."""
         from jaxalign.algorithms import sft
+
+        context = self.policy.config.max_position_embeddings
+        fix = ("lower config.sampling.max_tokens, use a model with a longer context, or set "
+               "config.data.skip_invalid=True to skip these prompts (counted in the log)")
+        fit = dict(template=cfg.data.template, new_tokens=cfg.sampling.max_tokens,
+                   context=context, skip=cfg.data.skip_invalid, fix=fix)
+        self.train_questions = fit_questions_to_context(
+            self.train_questions, self.tokenizer, what="training questions", **fit)
+        self.held_out = fit_questions_to_context(
+            self.held_out, self.tokenizer, what="held-out questions", **fit)
+        if cfg.warmstart.sft_steps:
+            sft.check_seq_buckets(cfg.warmstart.seq_buckets, context, "warmstart.seq_buckets")
+
+    def _warm_start(self, model):
+        """Short SFT on generated traces (the demo's starting policy); logs warmstart.jsonl.
+
+        Checkpointed every ``warmstart.save_every`` steps and at its end (under
+        ``warmstart_checkpoints/``): a run killed during the warm start, or after it but
+        before the first checkpoint of the main loop, continues from there instead of
+        starting again, and ``warmstart.jsonl`` keeps each step once.
+        """
+        from jaxalign import rundir
+        from jaxalign.algorithms import sft
+        from jaxalign.checkpoint import Checkpointer
         from jaxalign.data import synthetic
         from jaxalign.logging import MetricsLogger
         from jaxalign.optim import make_optimizer
         from jaxalign.trainer import Trainer
 
-        w = self.cfg.warmstart
+        w, accum = self.cfg.warmstart, self.cfg.optim.grad_accum_steps
         pairs = synthetic.sft_traces(self.train_questions, self.cfg.data.template,
                                      slip_rate=w.slip_rate, seed=self.cfg.seed)
         optim = ml_collections.ConfigDict(dict(self.cfg.optim.to_dict(), lr=w.lr,
                                                warmup_steps=w.warmup_steps, schedule="cosine"))
         tx, schedule = make_optimizer(common.optim_config(optim, w.sft_steps))
         trainer = Trainer.create(model, tx, sft.sft_loss_fn(), self.mesh)
+        it = sft.sft_iterator(pairs, self.tokenizer, batch_size=w.batch_size,
+                              grad_accum_steps=accum, seq_buckets=w.seq_buckets,
+                              seed=self.cfg.seed)
+        ckpt = Checkpointer(self.run.checkpoint_dir("warmstart_checkpoints"), max_to_keep=1,
+                            save_every=w.save_every, async_save=self.cfg.checkpoint.async_save)
+        start, done, elapsed = 0, {}, 0.0
+        if ckpt.latest_step() is not None:
+            trainer.params, trainer.opt_state, extra = ckpt.restore(trainer.params,
+                                                                    trainer.opt_state)
+            trainer.step = int(extra["trainer_step"])
+            it.set_state(extra["data"]["train"])
+            start, done = int(extra["step"]), extra.get("result", {})
+            elapsed = float(extra.get("time_s", 0.0))
+            if jax.process_index() == 0:
+                print(f"warm start resumed from its checkpoint at step {start}")
+        if jax.process_index() == 0:
+            rundir.truncate_log(self.run_dir / "warmstart.jsonl", start)
         log = MetricsLogger(self.run_dir, wandb_mode="disabled", filename="warmstart.jsonl")
-        t0 = time.time()
-        last = sft.train_sft(
-            trainer, pairs, self.tokenizer, steps=w.sft_steps, batch_size=w.batch_size,
-            grad_accum_steps=self.cfg.optim.grad_accum_steps, seq_buckets=w.seq_buckets,
-            seed=self.cfg.seed, schedule=schedule, run=log, log_prefix="warmstart/",
-            progress=self.cfg.log.progress)
+        t0 = time.time() - elapsed  # the warm start's wall time, over all attempts
+
+        def save(step, iterator, result=None):
+            ckpt.save(step, trainer.params, trainer.opt_state,
+                      {"step": step, "trainer_step": trainer.step,
+                       "data": {"train": iterator.get_state()}, "result": result or {},
+                       "time_s": time.time() - t0})
+
+        def on_step(step, iterator):
+            if w.save_every and step % w.save_every == 0 and step != w.sft_steps:
+                save(step, iterator)
+
+        last = sft.run_sft_steps(trainer, it, steps=w.sft_steps, grad_accum_steps=accum,
+                                 schedule=schedule, run=log, log_prefix="warmstart/",
+                                 start=start, progress=self.cfg.log.progress, on_step=on_step)
         log.close()
-        self.warmstart_result = {"warmstart_loss": last["loss"],
-                                 "warmstart_time_s": round(time.time() - t0, 1)}
+        if not done:  # (a restart after the end finds the result in the last checkpoint)
+            done = {"warmstart_loss": last["loss"],
+                    "warmstart_time_s": round(time.time() - t0, 1)}
+            save(w.sft_steps, it, done)
+        ckpt.close()
+        self.warmstart_result = done
         return trainer.model()
 
     def start_engine(self, model) -> None:
@@ -213,7 +325,9 @@ class PolicyRun:
         return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p,
                               max_tokens=s.max_tokens, min_tokens=s.min_tokens,
                               stop=tuple(s.stop), include_stop_str_in_output=True,
-                              seed=self.cfg.seed * 100_003 + step)
+                              # < 2**31, what every engine and the sidecar take (the
+                              # same seeds as before for config.seed < 21474)
+                              seed=(self.cfg.seed * 100_003 + step) % 2**31)
 
     def rollout(self, step: int, n: int):
         """The step's questions, ``n`` samples each, scored.

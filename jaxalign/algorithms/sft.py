@@ -12,12 +12,12 @@ The loss is the mean negative log-likelihood per response token of the batch
 (``train.normalize_constant = 0``), or CS336's ``sft_microbatch_loss``: each row's summed
 log-likelihood divided by ``normalize_constant``, averaged over rows.
 
-``train_sft`` is also what Expert Iteration and the GRPO demo's warm start call.
+``sft_iterator`` and ``run_sft_steps`` are also what the demo's warm start (GRPO and EI)
+calls.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,7 +65,12 @@ def load_pairs(data: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], 
 
     ``gsm8k``: GSM8K train solutions as r1_zero traces, held out from GSM8K test.
     ``synthetic``: generated arithmetic problems (``jaxalign.data.synthetic``).
-    A ``.jsonl`` path: rows with ``prompt`` and ``response`` (no held-out set).
+    A ``.jsonl`` path: rows with ``prompt`` and ``response``, both non-empty text
+    (``datasets.load_sft_jsonl``; no held-out set).
+
+    Raises:
+        DataError: a bad row, ``"path:line: reason"`` (unless ``data.skip_invalid``), or a
+            file with no (valid) rows.
     """
     from jaxalign.data import datasets, synthetic
 
@@ -82,66 +87,15 @@ def load_pairs(data: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], 
             train = train[: data.num_train]
         held_out = datasets.load_benchmark("gsm8k", data.data_dir, "test")[: data.num_eval]
         return [datasets.gsm8k_sft_trace(e, data.template) for e in train], held_out
-    pairs = []
-    with open(data.source) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pairs.append((str(row["prompt"]), str(row["response"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                if not data.skip_invalid:
-                    raise datasets.DataError(f"{data.source}:{i}", f"bad SFT row ({e})") from e
+    # Each row checked as the math rows are: bad ones raise DataError("path:line: ...") or,
+    # with data.skip_invalid, are skipped and counted in a warning.
+    pairs = datasets.load_sft_jsonl(data.source, skip_invalid=data.skip_invalid)
     if data.num_train:
         pairs = pairs[: data.num_train]
     return pairs, []
 
 
 # --- the loop -------------------------------------------------------------------------
-
-
-def train_sft(
-    trainer,
-    pairs: Sequence[tuple[str, str]],
-    tokenizer,
-    *,
-    steps: int,
-    batch_size: int,
-    grad_accum_steps: int,
-    seq_buckets: Sequence[int],
-    seed: int,
-    truncate: str = "drop",
-    schedule=None,
-    run: common.RunState | None = None,
-    log_prefix: str = "",
-    step_offset: int = 0,
-    progress: bool = False,
-    on_step=None,
-) -> dict[str, float]:
-    """``steps`` optimizer steps of SFT on ``pairs`` with ``trainer`` (repeating the data).
-
-    Args:
-        trainer: a ``Trainer`` built with ``sft_loss_fn`` and an optimizer whose
-            accumulation equals ``grad_accum_steps``.
-        pairs: ``(prompt, response)`` strings.
-        steps: optimizer steps.
-        batch_size: rows per optimizer step (all processes), split into
-            ``grad_accum_steps`` micro-batches.
-        seq_buckets, seed, truncate: see ``jaxalign.data.pipeline.make_sft_iterator``.
-        schedule: the learning-rate schedule, for logging.
-        run: where to log (and checkpoint, through ``on_step``); None logs nothing.
-        log_prefix, step_offset: metric-name prefix and step numbering for the log.
-        on_step: ``callback(step, iterator)`` after each optimizer step (checkpointing).
-
-    Returns:
-        The last step's metrics.
-    """
-    it = sft_iterator(pairs, tokenizer, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-                      seq_buckets=seq_buckets, seed=seed, truncate=truncate)
-    return run_sft_steps(trainer, it, steps=steps, grad_accum_steps=grad_accum_steps,
-                         schedule=schedule, run=run, log_prefix=log_prefix,
-                         step_offset=step_offset, progress=progress, on_step=on_step)
 
 
 def sft_iterator(pairs, tokenizer, *, batch_size, grad_accum_steps, seq_buckets, seed,
@@ -208,8 +162,23 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 validate = validate_config
 
 
+def check_seq_buckets(seq_buckets: Sequence[int], context: int, field: str) -> None:
+    """The widest SFT batch must fit the model's ``max_position_embeddings``.
+
+    Rows longer than the largest width are dropped, cut or refused by the pipeline's
+    ``truncate`` policy (and counted in the log), so this one check holds every row to the
+    context. Past it nothing fails: RoPE extrapolates and the loss is quietly wrong.
+    """
+    check(max(seq_buckets) <= context,
+          f"config.{field}={tuple(seq_buckets)}: the widest batch, {max(seq_buckets)} tokens, "
+          f"is longer than the model's max_position_embeddings={context}; lower the widths to "
+          f"at most {context} (longer rows then follow config.train.truncate: error, right or "
+          "drop, counted in the log) or use a model with a longer context")
+
+
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """SFT as configured; returns the summary (also written to ``summary.json``)."""
+    from jaxalign.algorithms.rollouts import fit_questions_to_context
     from jaxalign.optim import make_optimizer
     from jaxalign.rollout import JaxEngine, SamplingParams
     from jaxalign.trainer import Trainer
@@ -218,6 +187,15 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     mesh = common.mesh_from_config(cfg)
     model, tokenizer = common.build_model_and_tokenizer(cfg.model, mesh)
     pairs, held_out = load_pairs(cfg.data)
+    # Before anything compiles: every row and every validation prompt within the context.
+    context = model.config.max_position_embeddings
+    check_seq_buckets(cfg.train.seq_buckets, context, "train.seq_buckets")
+    held_out = fit_questions_to_context(
+        held_out[: cfg.eval.num_examples], tokenizer, template=cfg.data.template,
+        new_tokens=cfg.eval.max_tokens, context=context, skip=cfg.data.skip_invalid,
+        what="held-out questions",
+        fix="lower config.eval.max_tokens, use a model with a longer context, or set "
+            "config.data.skip_invalid=True to skip these prompts (counted in the log)")
     tx, schedule = make_optimizer(common.optim_config(cfg.optim, cfg.train.steps))
     trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
                                                     cfg.train.normalize_constant), mesh)
@@ -230,7 +208,6 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     start = int(extra["step"]) if extra else 0
 
     engine = None
-    held_out = held_out[: cfg.eval.num_examples]
     sampling = SamplingParams(temperature=cfg.eval.temperature, max_tokens=cfg.eval.max_tokens,
                               stop=("</answer>",), include_stop_str_in_output=True,
                               seed=cfg.seed)

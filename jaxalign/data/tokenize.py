@@ -29,6 +29,9 @@ Rows that do not fit the largest allowed width follow ``truncate``, never silent
 Two entry points: ``tokenize_prompt_and_output`` for strings, and
 ``collate_prompt_and_output`` for token ids, for rollouts whose sampled ids must not be
 re-tokenized (decode-then-encode does not round-trip for BPE).
+
+``fit_to_context`` holds prompts that generation will continue to the model's own limit,
+``max_position_embeddings`` (RoPE past it gives quietly wrong numbers).
 """
 
 from __future__ import annotations
@@ -177,6 +180,58 @@ def fit_to_length(
     note = f"; {empty} of them keep no response token (all-zero mask)" if empty else ""
     logger.warning("truncated %s%s", summary, note)
     return prompts, outputs, kept
+
+
+def fit_to_context(
+    prompt_lengths: Sequence[int],
+    new_tokens: int,
+    context: int,
+    *,
+    skip: bool,
+    names: Sequence[str] | None = None,
+    what: str = "prompts",
+    fix: str = "",
+) -> list[int]:
+    """The prompts that leave room for ``new_tokens`` within the model's ``context`` positions.
+
+    Past ``max_position_embeddings`` nothing fails: the rotary embedding extrapolates and the
+    logits are quietly wrong. So a prompt of ``L`` tokens whose generation would reach
+    ``L + new_tokens > context`` positions is an error here, or, with ``skip``, dropped and
+    counted in a warning.
+
+    Args:
+        prompt_lengths: tokens of each prompt.
+        new_tokens: tokens to be generated after each prompt (``max_tokens``).
+        context: the model's ``max_position_embeddings``.
+        skip: drop over-long prompts (logged) instead of raising.
+        names: how messages name each prompt (``"math.jsonl:18"``); default ``"row i"``.
+        what: what the prompts are, for messages (``"training questions"``).
+        fix: appended to the error: what to change.
+
+    Returns:
+        The indices of the prompts kept, in order.
+
+    Raises:
+        ValueError: some prompts do not fit and not ``skip``; the message gives how many,
+            the longest, the limit and ``fix``.
+    """
+    over = [i for i, n in enumerate(prompt_lengths) if n + new_tokens > context]
+    if not over:
+        return list(range(len(prompt_lengths)))
+    longest = max(over, key=lambda i: prompt_lengths[i])
+    name = f"row {longest}" if names is None else str(names[longest])
+    room = context - prompt_lengths[longest]
+    fits = f"at most {room} new tokens fit it" if room > 0 else "its prompt alone fills the context"
+    summary = (
+        f"{len(over)} of {len(prompt_lengths)} {what} do not fit the model's context: prompt "
+        f"tokens + {new_tokens} new tokens > max_position_embeddings={context} (the longest, "
+        f"{name}, has {prompt_lengths[longest]} prompt tokens: {fits})"
+    )
+    if not skip:
+        raise ValueError(f"{summary}; {fix}" if fix else summary)
+    logger.warning("skipped %s", summary)
+    dropped = set(over)
+    return [i for i in range(len(prompt_lengths)) if i not in dropped]
 
 
 def collate_prompt_and_output(

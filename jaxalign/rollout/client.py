@@ -50,6 +50,7 @@ from jaxalign.rollout.server import (
     TOKEN_ENV,
     checkpoint_checksum,
     completion_from_json,
+    default_weights_root,
     params_to_json,
 )
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
@@ -86,10 +87,9 @@ class SyncTimings:
 
 
 def _default_export_dir() -> Path:
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix="jaxalign-sidecar-", dir=shm))
-    return Path(tempfile.mkdtemp(prefix="jaxalign-sidecar-"))
+    """A new directory under ``default_weights_root()``: the sidecar's default allow-list
+    root is the same path, so the one-host setup works with no flags on either side."""
+    return Path(tempfile.mkdtemp(prefix="jaxalign-sidecar-", dir=default_weights_root()))
 
 
 def _derived_seed(seed: int, index: int) -> int:
@@ -131,7 +131,9 @@ class SidecarEngine:
             ``{port}``. ``None``: raise ``SidecarError`` instead.
         restart_timeout: seconds to wait for a restarted sidecar's ``/health``.
         export_dir: where ``update_weights`` writes versioned exports (default: a new
-            directory under ``/dev/shm``, else the system temp dir).
+            directory under ``/dev/shm``, else the system temp dir: the sidecar's default
+            ``--weights-root``; any other directory must lie under a root the sidecars
+            were started with, or they refuse it with 403).
         export_dtype: dtype of exported tensors (default: what the sidecar reports as its
             ``weights_dtype``, e.g. bfloat16 for vLLM, which halves the bytes).
         keep_exports: exports kept on disk (the newest; a restart re-sends the last one).

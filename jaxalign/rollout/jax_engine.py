@@ -21,7 +21,10 @@ Randomness is per row: sample ``j`` of prompt ``i`` draws from
 ``fold_in(key(seed), (prompt_offset + i) * n + j)``, whatever micro-batch or padding it
 lands in. So the samples do not depend on ``max_batch_size``, and processes that each
 generate their share of a global prompt batch (passing the share's offset) draw exactly
-what one process generating all of it would.
+what one process generating all of it would. With ``seeds=`` (one per prompt) sample
+``j`` of prompt ``i`` draws from ``fold_in(key(seeds[i]), j)`` instead: what prompt ``i``
+alone, generated with ``seed=seeds[i]``, would draw, whatever else is in the call
+(``jaxalign.evaluation.generate_seeded``).
 
 Multi-process: given a mesh that spans several processes, the engine works on this
 process's devices only (``sharding.process_local_mesh``), with a full local copy of the
@@ -177,32 +180,58 @@ class JaxEngine:
         return ids
 
     def generate(
-        self, prompts: Sequence[Prompt], params: SamplingParams, *, prompt_offset: int = 0
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        *,
+        prompt_offset: int = 0,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
         """Samples ``params.n`` completions for every prompt (outer list per prompt).
 
         Args:
             prompt_offset: the index of ``prompts[0]`` in a larger batch that several
                 calls (processes) share; it only picks the rows' random streams.
+            seeds: one seed per prompt, in ``[0, 2**32)``, replacing ``params.seed`` and
+                ``prompt_offset``: prompt ``i`` draws what it would alone with
+                ``seed=seeds[i]``.
         """
+        if seeds is not None:
+            if prompt_offset:
+                raise ValueError("pass seeds or prompt_offset, not both")
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            if any(not 0 <= s < 2**32 for s in seeds):
+                raise ValueError("seeds must be in [0, 2**32) (jax.random.key keeps 32 bits)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         encoded = [self._encode(p) for p in prompts]
+        # Positions past the context are not an error in the model (RoPE extrapolates): the
+        # samples would be quietly wrong, so refuse them here.
+        context = self.config.max_position_embeddings
+        for i, ids in enumerate(encoded):
+            if len(ids) + params.max_tokens > context:
+                raise ValueError(
+                    f"prompts[{i}] has {len(ids)} tokens; with max_tokens={params.max_tokens} "
+                    f"that is {len(ids) + params.max_tokens} positions > the model's "
+                    f"max_position_embeddings={context}: lower max_tokens or shorten the prompt"
+                )
         rows = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
         out: list[list[Completion | None]] = [[None] * params.n for _ in encoded]
         for start in range(0, len(rows), self.max_batch_size):
             chunk = rows[start : start + self.max_batch_size]
-            completions = self._generate_batch(
-                [encoded[i] for i, _ in chunk],
-                params,
-                [(prompt_offset + i) * params.n + j for i, j in chunk],
-            )
+            if seeds is None:  # the low 32 bits, as jax.random.key(params.seed) keeps them
+                seed = params.seed & 0xFFFFFFFF
+                keys = [(seed, (prompt_offset + i) * params.n + j) for i, j in chunk]
+            else:
+                keys = [(seeds[i], j) for i, j in chunk]
+            completions = self._generate_batch([encoded[i] for i, _ in chunk], params, keys)
             for (i, j), c in zip(chunk, completions, strict=True):
                 out[i][j] = c
         return out  # type: ignore[return-value]
 
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, row_ids: list[int]
+        self, prompts: list[list[int]], params: SamplingParams, keys: list[tuple[int, int]]
     ) -> list[Completion]:
         b = _next_pow2(len(prompts))
         p = _next_pow2(max(len(x) for x in prompts), minimum=16)
@@ -216,14 +245,16 @@ class JaxEngine:
         self.shapes_seen.add((b, p, m))
 
         # Filler rows are done from the start: any stream will do for them.
-        ids_of_rows = np.asarray(row_ids + list(range(len(prompts), b)), np.uint32)
+        keys = keys + [(0, r) for r in range(len(prompts), b)]
+        seeds_of_rows = np.asarray([s for s, _ in keys], np.uint32)
+        ids_of_rows = np.asarray([r for _, r in keys], np.uint32)
         done = np.zeros((b,), np.bool_)
         done[len(prompts) :] = True
         carry = self._prefill(
             self.state,
             self._shard_batch(ids),
             self._shard_batch(mask),
-            jax.random.key(params.seed),
+            self._shard_batch(seeds_of_rows),
             self._shard_batch(ids_of_rows),
             self._shard_batch(done),
             max_tokens=m,
@@ -347,10 +378,11 @@ class JaxEngine:
         return len(self.shapes_seen)
 
 
-def _prefill(graphdef, state, ids, mask, seed_key, row_ids, done, *, max_tokens, pad_id):
+def _prefill(graphdef, state, ids, mask, row_seeds, row_ids, done, *, max_tokens, pad_id):
     """Runs the prompts ids, mask [B, P] into a fresh cache -> the decode loop's start.
 
-    Row ``r`` draws from ``fold_in(seed_key, row_ids[r])``; ``done`` [B] marks filler rows.
+    Row ``r`` draws from ``fold_in(key(row_seeds[r]), row_ids[r])``; ``done`` [B] marks
+    filler rows.
     Only the last position goes through the LM head (its logits are all decoding needs).
     """
     model = nnx.merge(graphdef, state)
@@ -366,7 +398,7 @@ def _prefill(graphdef, state, ids, mask, seed_key, row_ids, done, *, max_tokens,
         lengths=jnp.zeros((b,), jnp.int32),
         done=done,
         step=jnp.zeros((), jnp.int32),
-        rng=jax.vmap(jax.random.fold_in, (None, 0))(seed_key, row_ids),
+        rng=jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids),
     )
 
 

@@ -2,6 +2,7 @@
 
     python -m jaxalign.rollout.server --backend vllm --model DIR [--host 127.0.0.1] [--port 0]
         [--token SECRET] [--max-request-bytes 67108864] [--max-batch 1024]
+        [--weights-root DIR ...]
 
 On startup it loads the model, then prints one line a launcher can parse,
 ``jaxalign-sidecar listening on http://HOST:PORT`` (``--port 0`` picks a free port), and
@@ -11,29 +12,36 @@ environment variable, which keeps it out of ``ps``):
 
 ``GET /health``
     ``{"backend", "model", "weights_version", "weights_ok", "busy", "weights_dtype",
-    "max_batch", "max_request_bytes", "max_seq_len", "served"}``.
+    "max_batch", "max_request_bytes", "max_seq_len", "weights_roots", "served"}``.
 ``POST /generate``
     ``{"prompts": [str | [int]], "sampling": {SamplingParams fields},
     "expected_weights_version": int | null}`` ->
     ``{"weights_version": int, "completions": [[{Completion fields}] per prompt]}``.
     409 when ``expected_weights_version`` differs from the loaded weights: a trainer never
-    mixes rollouts of two policies silently.
+    mixes rollouts of two policies silently. Every sampling field is checked before the
+    engine runs (JSON type, finite numbers, integers the engines can hold: seeds in
+    ``[0, 2**32)``, counts in 32 bits; the ``SamplingParams`` ranges; stop token ids below
+    the vocabulary size), so a bad value is a 400 naming the field, never an engine error.
 ``POST /update_weights``
     ``{"path": dir, "version": int, "checksum": "sha256:...", "deadline_s": float}`` ->
     ``{"weights_version": int, "seconds": float}``. The directory is a Hugging Face
-    checkpoint written by ``save_pretrained``; the server verifies ``checksum`` (see
-    ``checkpoint_checksum``) before loading, refusing a mismatch (400), and gives up after
-    ``deadline_s`` (504). The JAX backend swaps the new state in atomically, so a failed or
-    late reload keeps the old weights; vLLM loads in place, so after a failure the weights
-    are unknown and ``/generate`` answers 503 until a reload succeeds.
+    checkpoint written by ``save_pretrained``. It must lie under a ``--weights-root``
+    (default ``/dev/shm``, else the temp dir: where ``SidecarEngine`` exports by default)
+    once symlinks and ``..`` are resolved, and so must any file of it that is a symlink;
+    else 403, before the path is even looked at: the token says who may ask, the roots say
+    what may be read. The server verifies ``checksum`` (see ``checkpoint_checksum``) before
+    loading, refusing a mismatch (400), and gives up after ``deadline_s`` (504). The JAX
+    backend swaps the new state in atomically, so a failed or late reload keeps the old
+    weights; vLLM loads in place, so after a failure the weights are unknown and
+    ``/generate`` answers 503 until a reload succeeds.
 
 Errors are ``{"error": message}``: 400 malformed (bad JSON, unknown or mistyped fields,
-``SamplingParams`` validation), 401 missing or wrong token, 411 no Content-Length, 413 too
-large (a body over ``--max-request-bytes`` is refused from its Content-Length, before it is
-read; more rows than ``--max-batch``; a prompt plus ``max_tokens`` over ``--max-seq-len``),
-404 / 405 unknown endpoint or method, 500 engine failure, 503 weights unknown, 504 reload
-deadline passed. The engine runs one request at a time (a lock); others wait and
-``/health`` reports ``busy``.
+``SamplingParams`` validation), 401 missing or wrong token, 403 a checkpoint outside the
+weights roots, 411 no Content-Length, 413 too large (a body over ``--max-request-bytes`` is
+refused from its Content-Length, before it is read; more rows than ``--max-batch``; a
+prompt plus ``max_tokens`` over ``--max-seq-len``), 404 / 405 unknown endpoint or method,
+500 engine failure, 503 weights unknown, 504 reload deadline passed. The engine runs one
+request at a time (a lock); others wait and ``/health`` reports ``busy``.
 
 Wire-format helpers (``params_to_json``, ``completion_from_json``, ``checkpoint_checksum``)
 live here and are shared with ``jaxalign.rollout.client``.
@@ -48,10 +56,12 @@ import hashlib
 import hmac
 import http.server
 import json
+import math
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -82,27 +92,72 @@ class RequestError(Exception):
 
 # --- wire format ------------------------------------------------------------------------
 
-# How each SamplingParams field is checked on the wire, keyed by its annotation (types.py
-# uses postponed annotations, so these are strings). A new field with a new type fails the
-# import below instead of slipping through unchecked.
-_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "tuple[str, ...]": (
+# Bounds of what the engines can represent. The JAX engine seeds with ``jax.random.key``,
+# which keeps only the low 32 bits of a seed (without jax_enable_x64): seeds 0 and 2**32
+# would draw the same stream, and 2**64 raises OverflowError deep in the engine. Counts go
+# into int32 scalars (``jnp.int32(top_k)``), which overflow the same way. One limit for
+# both backends, so a request means the same thing whichever serves it.
+SEED_LIMIT = 2**32
+INT32_LIMIT = 2**31
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    """A JSON number that is a real value: not a bool, NaN or +-Infinity (Python's JSON
+    parser accepts those), nor an integer too large for a float."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        return False
+
+
+def _is_int32(v: Any) -> bool:
+    return _is_int(v) and -INT32_LIMIT <= v < INT32_LIMIT
+
+
+def _is_seed(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < SEED_LIMIT
+
+
+# How each SamplingParams field is checked on the wire, before ``SamplingParams`` checks the
+# ranges that hold for every engine (n >= 1, top_p in (0, 1], min_tokens <= max_tokens,
+# ...): JSON type, finiteness, and what an engine can represent. Every field has a row;
+# a field added to SamplingParams without one fails the import below instead of slipping
+# through unchecked. (What ``/generate`` also checks, knowing the model: stop token ids
+# below the vocabulary size, rows against --max-batch, prompt + max_tokens against
+# --max-seq-len.)
+_PARAM_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "n": ("an integer (32-bit)", _is_int32),
+    "temperature": ("a number, finite and >= 0 (0 is greedy)", _is_finite_number),
+    "top_p": ("a number in (0, 1]", _is_finite_number),
+    "top_k": ("an integer (32-bit; 0 and -1 turn it off)", _is_int32),
+    "max_tokens": ("an integer (32-bit)", _is_int32),
+    "min_tokens": ("an integer (32-bit)", _is_int32),
+    "stop": (
         "a string or a list of strings",
         lambda v: (
             isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
         ),
     ),
-    "tuple[int, ...]": (
-        "a list of integers",
-        lambda v: (
-            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-        ),
+    "include_stop_str_in_output": ("true or false", lambda v: isinstance(v, bool)),
+    "stop_token_ids": (
+        "a list of integers (non-negative token ids)",
+        lambda v: isinstance(v, list) and all(_is_int32(t) and t >= 0 for t in v),
     ),
+    "seed": ("an integer in [0, 2**32) (the JAX engine's seed range)", _is_seed),
+    "logprobs": ("true or false", lambda v: isinstance(v, bool)),
 }
-_PARAM_CHECKS = {f.name: _CHECKS[f.type] for f in dataclasses.fields(SamplingParams)}
+_unchecked = {f.name for f in dataclasses.fields(SamplingParams)} ^ set(_PARAM_CHECKS)
+if _unchecked:
+    raise TypeError(
+        f"SamplingParams fields without a row in _PARAM_CHECKS (or stale rows): "
+        f"{sorted(_unchecked)}"
+    )
 
 
 def params_to_json(params: SamplingParams) -> dict:
@@ -112,12 +167,17 @@ def params_to_json(params: SamplingParams) -> dict:
     }
 
 
-def params_from_json(obj: Any) -> SamplingParams:
-    """Parses and validates the ``sampling`` object of a request.
+def params_from_json(obj: Any, *, vocab_size: int | None = None) -> SamplingParams:
+    """Parses and validates the ``sampling`` object of a request, before any engine runs.
+
+    Args:
+        obj: the decoded JSON value (None: the defaults).
+        vocab_size: when given, stop token ids must lie in ``[0, vocab_size)``.
 
     Raises:
-        RequestError: 400 for a non-object, an unknown field, a mistyped value, or a value
-            ``SamplingParams`` rejects (its message is passed on).
+        RequestError: 400 naming the field, for a non-object, an unknown field, a mistyped,
+            non-finite or out-of-range value (``_PARAM_CHECKS``), a value ``SamplingParams``
+            rejects (its message is passed on), or a stop token id outside the vocabulary.
     """
     if obj is None:
         return SamplingParams()
@@ -131,11 +191,24 @@ def params_from_json(obj: Any) -> SamplingParams:
     for name, value in obj.items():
         what, ok = _PARAM_CHECKS[name]
         if not ok(value):
-            raise RequestError(400, f"sampling.{name} must be {what}, got {value!r}")
+            raise RequestError(400, f"sampling.{name} must be {what}, got {_short(value)}")
     try:
-        return SamplingParams(**obj)
+        params = SamplingParams(**obj)
     except ValueError as e:
         raise RequestError(400, str(e)) from None
+    if vocab_size is not None:
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise RequestError(
+                400, f"sampling.stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab_size})"
+            )
+    return params
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut: an error message should not echo a megabyte of request."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def completion_to_json(c: Completion) -> dict:
@@ -180,6 +253,25 @@ def checkpoint_checksum(path: str | os.PathLike) -> str:
     for file, d in zip(files, digests, strict=True):
         total.update(f"{file.name}\t{file.stat().st_size}\t{d}\n".encode())
     return "sha256:" + total.hexdigest()
+
+
+def default_weights_root() -> Path:
+    """Where a trainer's ``SidecarEngine`` writes its exports unless told otherwise.
+
+    ``/dev/shm`` when it is a writable directory (RAM: no disk I/O), else the system temp
+    directory. The client makes its default export directory under this path and the
+    server allows ``/update_weights`` from it by default, so the usual one-host setup
+    needs no flags on either side.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether the resolved ``path`` is ``root`` or lies below it (both realpaths)."""
+    return os.path.commonpath([path, root]) == root
 
 
 # --- backends ---------------------------------------------------------------------------
@@ -314,6 +406,9 @@ class Sidecar:
         max_seq_len: prompt tokens plus ``max_tokens`` at most, per prompt.
         vocab_size: token ids must be below it.
         max_update_deadline_s: cap on the deadline of ``/update_weights``.
+        weights_roots: the directories ``/update_weights`` may load from (a checkpoint
+            must resolve, symlinks and ``..`` followed, to a path inside one of them);
+            default: ``default_weights_root()``, where a trainer exports by default.
     """
 
     def __init__(
@@ -326,6 +421,7 @@ class Sidecar:
         max_seq_len: int,
         vocab_size: int,
         max_update_deadline_s: float = DEFAULT_UPDATE_DEADLINE_S,
+        weights_roots: Sequence[str | os.PathLike] | None = None,
     ):
         self.backend = backend
         self.model = model
@@ -334,6 +430,12 @@ class Sidecar:
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
         self.max_update_deadline_s = max_update_deadline_s
+        if weights_roots is None:
+            weights_roots = [default_weights_root()]
+        if not weights_roots:
+            raise ValueError("weights_roots is empty: no checkpoint could ever be loaded")
+        # Resolved once, here: a root that is later replaced by a symlink cannot widen it.
+        self.weights_roots = [os.path.realpath(r) for r in weights_roots]
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_ok = True
         self.served = {"generate": 0, "update_weights": 0}
@@ -350,6 +452,7 @@ class Sidecar:
             "max_batch": self.max_batch,
             "max_request_bytes": self.max_request_bytes,
             "max_seq_len": self.max_seq_len,
+            "weights_roots": self.weights_roots,
             "served": dict(self.served),
             "pid": os.getpid(),
         }
@@ -381,7 +484,7 @@ class Sidecar:
         prompts = body.get("prompts")
         if not isinstance(prompts, list):
             raise RequestError(400, "'prompts' must be a list of strings or token-id lists")
-        params = params_from_json(body.get("sampling"))
+        params = params_from_json(body.get("sampling"), vocab_size=self.vocab_size)
         expected = body.get("expected_weights_version")
         if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
             raise RequestError(400, "'expected_weights_version' must be an integer or null")
@@ -431,6 +534,39 @@ class Sidecar:
                 weights_version=actual,
             )
 
+    def _allowed_path(self, path: str) -> str:
+        """``path`` resolved (symlinks, ``..``), if it lies under a weights root; else 403.
+
+        The bearer token says who may ask; this says what may be read: without it any
+        client could make the server open (and hash, and parse) any directory it can read.
+        """
+        real = os.path.realpath(path)
+        if any(_within(real, root) for root in self.weights_roots):
+            return real
+        raise RequestError(
+            403,
+            f"{path}: not under this sidecar's weights root(s) {self.weights_roots} (after "
+            "resolving symlinks and '..'); export the checkpoint there, or start the sidecar "
+            "with --weights-root DIR covering the trainer's export directory "
+            "(config.engine.export_dir, SidecarEngine(export_dir=...))",
+        )
+
+    def _check_files_within(self, directory: str) -> None:
+        """403 when a file of the checkpoint is a symlink out of the weights roots."""
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            raise RequestError(400, f"{directory}: cannot list it ({e})") from None
+        for entry in entries:
+            if entry.is_symlink() and not any(
+                _within(os.path.realpath(entry.path), root) for root in self.weights_roots
+            ):
+                raise RequestError(
+                    403,
+                    f"{entry.path} links outside the weights root(s) {self.weights_roots}; "
+                    "a checkpoint's files must lie under a root too",
+                )
+
     def update_weights(self, body: Any) -> dict:
         start = time.monotonic()
         if not isinstance(body, dict):
@@ -449,10 +585,15 @@ class Sidecar:
         if (
             not isinstance(deadline_s, int | float)
             or isinstance(deadline_s, bool)
-            or deadline_s <= 0
+            or not deadline_s > 0  # NaN fails the comparison
         ):
             raise RequestError(400, "'deadline_s' must be a positive number of seconds")
-        deadline = start + min(float(deadline_s), self.max_update_deadline_s)
+        # Capped before float(): a huge integer (or Infinity) means "as long as allowed".
+        deadline = start + float(min(deadline_s, self.max_update_deadline_s))
+        # The allow-list comes first, so that even whether a path outside it exists is not
+        # revealed; everything after uses the resolved path, so a symlink swapped in later
+        # cannot redirect the checksum or the load.
+        path = self._allowed_path(path)
         if not Path(path).is_dir():
             raise RequestError(
                 400,
@@ -460,6 +601,7 @@ class Sidecar:
                 "than the trainer needs the exports on a filesystem both see: the trainer's "
                 "config.engine.export_dir, or SidecarEngine(export_dir=...))",
             )
+        self._check_files_within(path)
         try:
             actual = checkpoint_checksum(path)  # outside the lock: generation goes on meanwhile
         except (FileNotFoundError, OSError) as e:
@@ -647,6 +789,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per request")
     ap.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--max-update-deadline", type=float, default=DEFAULT_UPDATE_DEADLINE_S)
+    ap.add_argument(
+        "--weights-root",
+        action="append",
+        metavar="DIR",
+        help="a directory /update_weights may load checkpoints from (repeatable); default: "
+        f"{default_weights_root()}, where a trainer's SidecarEngine exports by default",
+    )
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype (vLLM: model dtype)")
     ap.add_argument("--param-dtype", default="float32", help="jax: parameter dtype")
     ap.add_argument("--engine-batch", type=int, default=64, help="jax: rows per micro-batch")
@@ -685,7 +834,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_seq_len=args.max_seq_len or max_positions,
         vocab_size=vocab_size,
         max_update_deadline_s=args.max_update_deadline,
+        weights_roots=args.weights_root,
     )
+    for root in sidecar.weights_roots:
+        if not os.path.isdir(root):  # allowed: a trainer may create it on its first export
+            print(f"note: --weights-root {root} does not exist (yet)", file=sys.stderr)
     server = make_server(sidecar, args.host, args.port, args.token)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(

@@ -9,6 +9,7 @@ exactly what was sampled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -54,8 +55,8 @@ class SamplingParams:
         problems = []
         if self.n < 1:
             problems.append(f"n={self.n} must be >= 1")
-        if self.temperature < 0:
-            problems.append(f"temperature={self.temperature} must be >= 0")
+        if not 0 <= self.temperature < math.inf:  # NaN fails every comparison
+            problems.append(f"temperature={self.temperature} must be finite and >= 0")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < -1:

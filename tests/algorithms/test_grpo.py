@@ -277,7 +277,8 @@ def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(grpo_config, t
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env.pop("JAXALIGN_SIDECAR_TOKEN", None)
     cmd = [sys.executable, "-m", "jaxalign.rollout.server", "--backend", "jax", "--model",
-           str(tmp_path / "start"), "--port", "0", "--dtype", grpo_config.model.dtype]
+           str(tmp_path / "start"), "--port", "0", "--dtype", grpo_config.model.dtype,
+           "--weights-root", str(tmp_path / "exports")]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env=env)
     try:

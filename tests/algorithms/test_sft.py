@@ -83,6 +83,7 @@ def test_sft_config_errors(tmp_path):
 
 def test_sft_tiny_preset_trains_on_gsm8k_traces(tmp_path, shared_data):
     cfg = shrink(load_config("sft"), tmp_path)
+    cfg.model.arch = dict(max_position_embeddings=2048)  # the preset's: rows reach 1024 tokens
     cfg.data.data_dir = str(shared_data)
     cfg.data.num_train, cfg.data.num_eval = 64, 2
     cfg.train.steps, cfg.train.batch_size = 4, 8
@@ -131,10 +132,13 @@ def test_sigkilled_sft_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
     summary = json.loads((killed / "summary.json").read_text())
     assert 10 <= summary["resumed_from"] < steps and summary["resumed_from"] % 5 == 0
 
-    def losses(d):  # a resumed run re-logs the steps after its checkpoint: the last wins
+    def losses(d):
         return {r["step"]: r["train/loss"] for r in read_metrics(d / "metrics.jsonl")
                 if "train/loss" in r}
 
+    # the steps the killed attempt logged after its checkpoint were dropped and logged again
+    logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if "train/loss" in r]
+    assert logged == list(range(1, steps + 1))
     want, got = losses(straight), losses(killed)
     assert sorted(got) == list(range(1, steps + 1))
     for step in range(1, steps + 1):

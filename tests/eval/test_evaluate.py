@@ -201,6 +201,8 @@ def _run_dir(root, params_seed):
     from jaxalign.checkpoint import Checkpointer
 
     cfg = common.base_config("sft", "sft")
+    # 2048 positions: r1_zero prompts with AMC questions are ~660 byte tokens
+    cfg.model.arch = dict(max_position_embeddings=2048)
     root.mkdir(parents=True)
     (root / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     cfg.model.seed = params_seed

@@ -10,6 +10,7 @@ sidecars load-balanced in input order. Sidecars start once per module, in parall
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -187,17 +188,22 @@ def dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sidecars(dirs):
+def sidecars(dirs, tmp_path_factory):
     """Sidecars on m0, starting in parallel with the fixtures and tests that follow.
 
-    A has small limits; B has the defaults; C, on a fixed port, is for the kill test.
+    A has small limits; B has the defaults; C, on a fixed port, is for the kill test. All
+    may load checkpoints from anywhere under pytest's temporary root (``--weights-root``):
+    the module's checkpoints and every test's ``tmp_path`` exports.
     """
     root, cache = dirs["root"], dirs["root"] / "jax-cache"
-    a_cmd = _server_cmd(dirs["m0"], "--max-batch", MAX_BATCH, "--max-request-bytes", MAX_BYTES)
-    c_cmd = _server_cmd(dirs["m0"], port=_free_port())
+    weights_root = ("--weights-root", tmp_path_factory.getbasetemp())
+    a_cmd = _server_cmd(
+        dirs["m0"], "--max-batch", MAX_BATCH, "--max-request-bytes", MAX_BYTES, *weights_root
+    )
+    c_cmd = _server_cmd(dirs["m0"], *weights_root, port=_free_port())
     procs = {
         "a": _Sidecar(a_cmd, root / "a.log", cache),
-        "b": _Sidecar(_server_cmd(dirs["m0"]), root / "b.log", cache),
+        "b": _Sidecar(_server_cmd(dirs["m0"], *weights_root), root / "b.log", cache),
         "c": _Sidecar(c_cmd, root / "c.log", cache),
     }
     # How the kill test restarts C: the same command, the same compilation cache.
@@ -286,7 +292,13 @@ def test_failed_in_place_reload_blocks_generation_until_a_good_one(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     backend = _FakeInPlaceBackend()
     sidecar = Sidecar(
-        backend, model="m", max_batch=8, max_request_bytes=1000, max_seq_len=512, vocab_size=9
+        backend,
+        model="m",
+        max_batch=8,
+        max_request_bytes=1000,
+        max_seq_len=512,
+        vocab_size=9,
+        weights_roots=[tmp_path],
     )
     update = {"path": str(tmp_path), "version": 3, "checksum": checkpoint_checksum(tmp_path)}
     backend.fail = True
@@ -299,6 +311,168 @@ def test_failed_in_place_reload_blocks_generation_until_a_good_one(tmp_path):
     backend.fail = False
     assert sidecar.update_weights(update)["weights_version"] == 3
     assert sidecar.generate({"prompts": ["a"]})["weights_version"] == 3
+
+
+# Every SamplingParams field, with values the engines cannot take: JSON types, NaN and
+# infinities (Python's JSON parser accepts them), integers past what the engines represent,
+# semantic ranges, token ids past the vocabulary (9 here). Each must be a 400 naming the
+# field, found before the engine runs (issue #19: NaN was a 500 after 2.5 s of decoding,
+# seed 2**80 an OverflowError and a 500).
+_BAD_SAMPLING = [
+    ({"n": 0}, "n=0 must be >= 1"),
+    ({"n": 2**80}, "sampling.n must be an integer (32-bit"),
+    ({"temperature": float("nan")}, "sampling.temperature must be a number, finite and >= 0"),
+    ({"temperature": float("inf")}, "sampling.temperature must be a number, finite and >= 0"),
+    ({"temperature": 10**400}, "sampling.temperature must be a number, finite and >= 0"),
+    ({"temperature": -0.5}, "temperature=-0.5 must be finite and >= 0"),
+    ({"top_p": float("nan")}, "sampling.top_p must be a number in (0, 1]"),
+    ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
+    ({"top_k": -2}, "top_k=-2 must be -1, 0 (off) or positive"),
+    ({"top_k": 2**40}, "sampling.top_k must be an integer (32-bit"),
+    ({"max_tokens": 2**31}, "sampling.max_tokens must be an integer (32-bit"),
+    ({"max_tokens": 0}, "max_tokens=0 must be >= 1"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens=5 must be in [0, max_tokens]"),
+    ({"min_tokens": 2**63}, "sampling.min_tokens must be an integer (32-bit"),
+    ({"stop": ["x", 3]}, "sampling.stop must be a string or a list of strings"),
+    ({"stop": [""]}, "stop strings must be non-empty"),
+    ({"include_stop_str_in_output": 1}, "sampling.include_stop_str_in_output must be true"),
+    ({"stop_token_ids": [-1]}, "sampling.stop_token_ids must be a list of integers"),
+    ({"stop_token_ids": [2**80]}, "sampling.stop_token_ids must be a list of integers"),
+    ({"stop_token_ids": [3, 9]}, "sampling.stop_token_ids [9] outside the vocabulary [0, 9)"),
+    ({"seed": 2**80}, "sampling.seed must be an integer in [0, 2**32)"),
+    ({"seed": 2**32}, "sampling.seed must be an integer in [0, 2**32)"),  # would alias seed 0
+    ({"seed": -1}, "sampling.seed must be an integer in [0, 2**32)"),
+    ({"seed": 1.0}, "sampling.seed must be an integer in [0, 2**32)"),
+    ({"logprobs": "yes"}, "sampling.logprobs must be true or false"),
+]
+
+
+@pytest.mark.parametrize("sampling, message", _BAD_SAMPLING)
+def test_every_sampling_field_is_checked_at_the_edge(sampling, message):
+    with pytest.raises(RequestError) as info:
+        params_from_json(sampling, vocab_size=9)
+    assert info.value.status == 400 and message in info.value.message, info.value.message
+
+
+def test_the_edge_table_covers_every_field_and_keeps_the_extremes():
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert {name for sampling, _ in _BAD_SAMPLING for name in sampling} == fields
+    edge = {"seed": 2**32 - 1, "top_k": -1, "temperature": 0, "top_p": 1, "stop_token_ids": [8]}
+    assert params_from_json(edge, vocab_size=9) == SamplingParams(**edge)
+    assert params_from_json({"seed": 0, "min_tokens": 4, "max_tokens": 4}).seed == 0
+
+
+class _RecordingBackend(_FakeInPlaceBackend):
+    """Counts engine calls: a refused request must never reach the engine."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        self.calls += 1
+        return super().generate(prompts, params)
+
+
+def _fake_sidecar(backend, **kwargs) -> Sidecar:
+    limits = dict(max_batch=8, max_request_bytes=1000, max_seq_len=512, vocab_size=9)
+    return Sidecar(backend, model="m", **{**limits, **kwargs})
+
+
+def test_bad_sampling_never_reaches_the_engine():
+    backend = _RecordingBackend()
+    sidecar = _fake_sidecar(backend)
+    for sampling, message in _BAD_SAMPLING:
+        with pytest.raises(RequestError) as info:
+            sidecar.generate({"prompts": [[1, 2]], "sampling": sampling})
+        assert info.value.status == 400 and message in info.value.message
+    assert backend.calls == 0
+    sidecar.generate({"prompts": [[1, 2]], "sampling": {"seed": 2**32 - 1}})
+    assert backend.calls == 1
+
+
+def _fake_checkpoint(directory: Path, content: bytes = b"weights") -> Path:
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(content)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_update_weights_only_from_under_the_weights_root(tmp_path):
+    """Resolved paths only: ``..``, a symlinked directory or a symlinked file that leads out
+    of the root is refused (403) before anything is read; inside it, links are fine."""
+    root = tmp_path / "exports"
+    good = _fake_checkpoint(root / "v00000001")
+    outside = _fake_checkpoint(tmp_path / "elsewhere" / "ckpt", b"secret")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "alias").symlink_to(good, target_is_directory=True)  # stays inside: allowed
+    mixed = root / "v00000002"
+    mixed.mkdir()
+    (mixed / "config.json").write_text("{}")
+    (mixed / "model.safetensors").symlink_to(outside / "model.safetensors")
+    backend = _FakeInPlaceBackend()
+    # The root itself given through a symlink: compared after resolving, like the paths.
+    (tmp_path / "root-link").symlink_to(root, target_is_directory=True)
+    sidecar = _fake_sidecar(backend, weights_roots=[tmp_path / "root-link"])
+    assert sidecar.health()["weights_roots"] == [str(root.resolve())]
+
+    def update(path, checksum="sha256:" + "0" * 64):
+        return sidecar.update_weights({"path": str(path), "version": 5, "checksum": checksum})
+
+    for path in [
+        outside,
+        root / ".." / "elsewhere" / "ckpt",
+        root / "escape",
+        "/etc",
+        "/no/such/dir",  # not even whether it exists is said
+        tmp_path,  # the root's parent
+    ]:
+        with pytest.raises(RequestError) as info:
+            update(path, checkpoint_checksum(outside))
+        assert info.value.status == 403, path
+        assert "not under this sidecar's weights root" in info.value.message
+        assert "--weights-root" in info.value.message
+    with pytest.raises(RequestError) as info:
+        update(mixed)
+    assert info.value.status == 403 and "links outside the weights root" in info.value.message
+    assert backend.weights_version == 0  # nothing was loaded
+    assert update(root / "alias", checkpoint_checksum(good))["weights_version"] == 5
+    assert update(good, checkpoint_checksum(good))["weights_version"] == 5
+
+
+def test_update_deadline_nan_is_400_and_huge_ones_are_capped(tmp_path):
+    good = _fake_checkpoint(tmp_path / "v1")
+    backend = _FakeInPlaceBackend()
+    sidecar = _fake_sidecar(backend, weights_roots=[tmp_path])
+    update = {"path": str(good), "version": 2, "checksum": checkpoint_checksum(good)}
+    for bad in (float("nan"), 0, -1.0, "10", True):
+        with pytest.raises(RequestError) as info:
+            sidecar.update_weights({**update, "deadline_s": bad})
+        assert info.value.status == 400 and "'deadline_s' must be" in info.value.message
+    for huge in (float("inf"), 10**400):  # as long as --max-update-deadline allows
+        assert sidecar.update_weights({**update, "deadline_s": huge})["weights_version"] == 2
+
+
+def test_default_weights_root_is_where_the_client_exports():
+    """No flags on either side: the client's default export directory is under the server's
+    default root (/dev/shm when writable, else the temp dir)."""
+    from jaxalign.rollout import client, server
+
+    sidecar = _fake_sidecar(_FakeInPlaceBackend())
+    assert sidecar.weights_roots == [os.path.realpath(server.default_weights_root())]
+    export = client._default_export_dir()
+    try:
+        assert os.path.realpath(export).startswith(sidecar.weights_roots[0] + os.sep)
+    finally:
+        export.rmdir()
+    args = server.parse_args(["--backend", "jax", "--model", "m"])
+    assert args.weights_root is None  # -> Sidecar's default
+    args = server.parse_args(
+        ["--backend", "jax", "--model", "m", "--weights-root", "/a", "--weights-root", "/b"]
+    )
+    assert args.weights_root == ["/a", "/b"]
+    with pytest.raises(ValueError, match="weights_roots is empty"):
+        _fake_sidecar(_FakeInPlaceBackend(), weights_roots=[])
 
 
 def test_jax_backend_late_reload_keeps_the_old_weights(dirs, sidecars):
@@ -385,7 +559,11 @@ def test_malformed_update_and_routes(sidecars, dirs):
     a = sidecars["a"]
     checksum = checkpoint_checksum(dirs["m1"])
     for body, message in [
-        ({"path": "/no/such/dir", "version": 1, "checksum": checksum}, "no such directory"),
+        # (under the weights root: a path outside it is refused before it is looked at)
+        (
+            {"path": str(dirs["root"] / "no-such-dir"), "version": 1, "checksum": checksum},
+            "no such directory",
+        ),
         ({"path": str(dirs["m1"]), "version": -1, "checksum": checksum}, "non-negative"),
         ({"path": str(dirs["m1"]), "version": 1, "checksum": "md5:x"}, "'checksum' must"),
         ({"path": str(dirs["m1"]), "version": 1}, "'checksum' must"),
@@ -395,6 +573,53 @@ def test_malformed_update_and_routes(sidecars, dirs):
     assert _raw(a.url, "GET", "/generate")[0] == 405
     assert _raw(a.url, "GET", "/nothing")[0] == 404
     assert _raw(a.url, "GET", "/health")[1]["weights_ok"] is True
+
+
+def test_nan_and_huge_sampling_values_are_400_before_the_engine(sidecars):
+    """The two requests of issue #19, over HTTP: ``temperature: NaN`` (a JSON extension
+    Python parses) and ``seed: 2**80``; both refused at once, the engine never called."""
+    a = sidecars["a"]
+    served = _raw(a.url, "GET", "/health")[1]["served"]["generate"]
+    for body, message in [
+        (b'{"prompts": ["a"], "sampling": {"temperature": NaN}}', "sampling.temperature"),
+        (b'{"prompts": ["a"], "sampling": {"top_p": Infinity}}', "sampling.top_p"),
+        ({"prompts": ["a"], "sampling": {"seed": 2**80}}, "sampling.seed"),
+        ({"prompts": ["a"], "sampling": {"stop_token_ids": [262]}}, "outside the vocabulary"),
+    ]:
+        t0 = time.monotonic()
+        status, answer, _ = _raw(a.url, "POST", "/generate", body)
+        assert status == 400 and message in answer["error"], answer
+        assert time.monotonic() - t0 < 2.0  # refused, not decoded
+    health = _raw(a.url, "GET", "/health")[1]
+    assert health["served"]["generate"] == served and health["weights_ok"] is True
+
+
+def test_update_weights_outside_the_root_is_403(sidecars, dirs):
+    """A real checkpoint outside ``--weights-root`` (here: pytest's temporary root) is
+    refused, directly, through ``..`` and through a symlink; the weights stay."""
+    import shutil
+    import tempfile
+
+    a = sidecars["a"]
+    before = _raw(a.url, "GET", "/health")[1]
+    assert before["weights_roots"] == [os.path.realpath(dirs["root"].parent)]
+    outside = Path(tempfile.mkdtemp(prefix="jaxalign-outside-root-"))
+    try:
+        shutil.copytree(dirs["m1"], outside / "m1")
+        link = dirs["root"] / "link-out"
+        link.symlink_to(outside / "m1", target_is_directory=True)
+        dotdot = Path(before["weights_roots"][0], *[".."] * 8, *outside.parts[1:], "m1")
+        checksum = checkpoint_checksum(outside / "m1")
+        for path in (outside / "m1", dotdot, link):
+            body = {"path": str(path), "version": 77, "checksum": checksum}
+            status, answer, _ = _raw(a.url, "POST", "/update_weights", body)
+            assert status == 403 and "--weights-root" in answer["error"], answer
+        with pytest.raises(SidecarError, match="HTTP 403"):
+            _client(a.url).update_weights(str(outside / "m1"))
+    finally:
+        shutil.rmtree(outside)
+    after = _raw(a.url, "GET", "/health")[1]
+    assert after["weights_version"] == before["weights_version"] and after["weights_ok"]
 
 
 def test_oversize_requests_are_413(sidecars):
