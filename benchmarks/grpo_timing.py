@@ -27,7 +27,7 @@ import tempfile
 import numpy as np
 
 from jaxalign import train
-from jaxalign.algorithms import common
+from jaxalign.config import qwen2p5_math_1p5b_model
 from jaxalign.models import qwen2p5_math_1p5b
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def build_config(args, workdir: str):
     if args.preset == "1p5b":
         # The real preset's model settings (bf16, cuDNN, remat, chunked loss), its shape
         # with random weights instead of the hub checkpoint.
-        common.qwen2p5_math_1p5b_model(cfg)
+        qwen2p5_math_1p5b_model(cfg)
         shape = qwen2p5_math_1p5b()
         cfg.model.path, cfg.model.preset = "", "small"
         cfg.model.arch = {k: getattr(shape, k) for k in ARCH_FIELDS}

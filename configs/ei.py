@@ -11,26 +11,12 @@ reward 0.309 after the warm start, 0.326 after 10 EI steps (n=512, temperature 1
 fraction 0.137 -> 0.178; 6 min 53 s wall (benchmarks/RESULTS.md).
 """
 
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import base_config
-from jaxalign.data.synthetic import DEMO_TEMPLATE
+from jaxalign.config import base_config, demo_task, qwen2p5_math_1p5b_model, rollout_blocks
 
 
 def get_config(preset: str = "demo"):
     c = base_config("ei", "expert_iteration")
-    c.data = dict(
-        source="synthetic",  # synthetic | gsm8k | math | a JSONL file
-        data_dir="../shared/data",
-        train_file="",  # data.source='math': training problems, as in configs/grpo.py
-        template=DEMO_TEMPLATE,
-        reward="r1_zero",
-        num_train=20000,
-        num_eval=256,
-        seed=0,
-        skip_invalid=False,  # True: skip bad rows and over-long prompts (counted in the log)
-        # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
-        synthetic=dict(max_steps=3, max_value=20, max_operand=9),
-    )
+    rollout_blocks(c)
     c.ei = dict(
         n_ei_steps=5,
         questions_per_step=64,
@@ -41,27 +27,21 @@ def get_config(preset: str = "demo"):
         sft_epochs=1,
         batch_size=64,  # rows per optimizer step
     )
-    c.sampling = dict(
-        temperature=1.0, top_p=1.0, max_tokens=48, min_tokens=4, stop=("</answer>",)
-    )
-    c.engine = dict(backend="jax", urls="", export_dir="", max_batch_size=256, decode_chunk=16)
-    c.train = dict(loss_chunk_size=0, width_multiple=32)
-    c.eval = dict(every=1, temperature=1.0, num_workers=1)
-    c.warmstart = dict(sft_steps=0, lr=3e-3, warmup_steps=10, batch_size=64,
-                       seq_buckets=(96,), slip_rate=0.0, save_every=200)
+    c.engine.max_batch_size = 256
+    c.eval.every = 1
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0
     c.checkpoint.save_every = 1
 
     if preset == "demo":
-        common.demo_task(c)  # the GRPO demo's task and warm start; EI keeps verified samples
+        demo_task(c)  # the GRPO demo's task and warm start; EI keeps verified samples
         # A fresh AdamW's first steps move every weight by ~lr: 1e-3 undoes the warm start.
         c.optim.lr = 1e-4
         c.ei.n_ei_steps = 10
         c.ei.sft_epochs = 2
         c.eval.every = 2
     elif preset == "qwen2p5_math_1p5b":
-        common.qwen2p5_math_1p5b_model(c)
+        qwen2p5_math_1p5b_model(c)
         c.data.source = "gsm8k"
         c.data.template = "r1_zero"
         c.data.num_train = 0

@@ -15,32 +15,13 @@ reward 0.309 after the SFT warm start, 0.490 after 80 GRPO steps (n=512, tempera
 6 min 52 s wall. README "The demo" has the curve and how the task is built.
 """
 
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import base_config
-from jaxalign.data.synthetic import DEMO_TEMPLATE
+from jaxalign.config import base_config, demo_task, qwen2p5_math_1p5b_model, rollout_blocks
 
 
 def get_config(preset: str = "demo"):
     c = base_config("grpo", "grpo")
+    rollout_blocks(c)
 
-    c.data = dict(
-        source="synthetic",  # synthetic | gsm8k | math (MATH500 held out) | a JSONL file
-        data_dir="../shared/data",
-        # data.source='math': JSONL of training problems, MATH- or GSM8K-shaped: a question
-        # (problem | question) and an answer (answer, "#### N" read as N, or the last
-        # \boxed{} of solution); the fields used are printed at load
-        train_file="",
-        template=DEMO_TEMPLATE,  # a template name (r1_zero, question_only) or text
-        reward="r1_zero",  # r1_zero | question_only
-        num_train=20000,
-        num_eval=256,
-        seed=0,
-        # bad rows and prompts + sampling.max_tokens over the model's context: False stops
-        # the run with file:line, True skips them (counted in the log)
-        skip_invalid=False,
-        # data.source='synthetic': the generated problems (jaxalign/data/synthetic.py)
-        synthetic=dict(max_steps=3, max_value=20, max_operand=9),
-    )
     c.grpo = dict(
         n_grpo_steps=40,
         rollout_batch_size=128,
@@ -68,48 +49,21 @@ def get_config(preset: str = "demo"):
         health_window=5,  # steps compared for "format up, answer down"
         stop_on_collapse=False,
     )
-    c.sampling = dict(
-        temperature=1.0, top_p=1.0, max_tokens=48, min_tokens=4, stop=("</answer>",)
-    )
-    c.engine = dict(
-        backend="jax",  # jax (in-process) | sidecar (see launch/sidecar.sh)
-        urls="",  # sidecar URLs, comma-separated
-        export_dir="",  # weights for the sidecars: '' = /dev/shm here (sidecars on this host
-        # only); for sidecars on other hosts, a directory they all read (shared filesystem)
-        max_batch_size=128,
-        decode_chunk=16,
-    )
-    c.train = dict(
-        loss_chunk_size=0,  # >0: chunked vocabulary projection (152k vocabularies)
-        width_multiple=32,  # rollout batches are padded to a multiple of this (few compiles)
-    )
-    c.eval = dict(
-        every=10,  # GRPO steps; the last step is always evaluated
-        temperature=1.0,  # held-out reward of the policy as it samples
-        num_workers=1,  # verifier processes
-    )
-    c.warmstart = dict(
-        sft_steps=0,  # >0: SFT on generated traces first (synthetic data only)
-        lr=3e-3,
-        warmup_steps=10,
-        batch_size=64,
-        seq_buckets=(96,),
-        slip_rate=0.0,
-        save_every=200,  # warm-start checkpoints: a killed warm start resumes from the last
-    )
+    c.engine.max_batch_size = 128
+    c.eval.every = 10  # GRPO steps; the last step is always evaluated
     c.checkpoint.save_every = 10
     c.optim.grad_accum_steps = 1
     c.optim.weight_decay = 0.0
 
     if preset == "demo":
-        common.demo_task(c)
+        demo_task(c)
         c.grpo.n_grpo_steps = 80
         c.optim.lr = 1e-4  # 2e-4 and above make the tiny policy noisier, 5e-5 learns slower
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
     elif preset in ("qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only"):
         # CS336 assignment 5 starter settings.
-        common.qwen2p5_math_1p5b_model(c)
+        qwen2p5_math_1p5b_model(c)
         c.data.source = "math"
         c.data.template = "r1_zero"
         c.data.num_train = 0

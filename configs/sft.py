@@ -13,8 +13,7 @@ traces, not arithmetic), held-out answer reward stays 0. The real preset validat
 test with the verifier.
 """
 
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import base_config
+from jaxalign.config import base_config, qwen2p5_math_1p5b_model
 
 
 def get_config(preset: str = "tiny"):
@@ -64,7 +63,7 @@ def get_config(preset: str = "tiny"):
     if preset == "tiny":
         pass
     elif preset == "qwen2p5_math_1p5b":
-        common.qwen2p5_math_1p5b_model(c)
+        qwen2p5_math_1p5b_model(c)
         c.train.steps = 1000
         c.train.batch_size = 64
         c.train.seq_buckets = (512, 1024, 2048)

@@ -18,10 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import threading
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxalign import storage
+from jaxalign.models.build import build_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,39 @@ class _QuietOrbaxErrors(logging.Filter):
 _QUIET = _QuietOrbaxErrors()
 
 
+
+def _is_closed_loop_echo(exc: BaseException | None) -> bool:
+    """When an asynchronous save fails, the writes still in flight finish into the event
+    loop of that save, which orbax has already closed, and each prints "RuntimeError: Event
+    loop is closed" with a traceback (dozens on a loaded machine), before the next save
+    raises the failure. They say nothing the ``CheckpointError`` does not; nothing else in a
+    run touches a closed event loop. The hooks below drop exactly these."""
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def _install_quiet_hooks() -> None:
+    if getattr(sys.excepthook, "_jaxalign_quiet", False):
+        return
+    excepthook, unraisablehook, thread_hook = (sys.excepthook, sys.unraisablehook,
+                                               threading.excepthook)
+
+    def quiet_excepthook(kind, value, tb):
+        if not _is_closed_loop_echo(value):
+            excepthook(kind, value, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _is_closed_loop_echo(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    def quiet_thread_hook(args):
+        if not _is_closed_loop_echo(args.exc_value):
+            thread_hook(args)
+
+    quiet_excepthook._jaxalign_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+    threading.excepthook = quiet_thread_hook
+
+
 def _abstract(tree):
     """Shapes, dtypes and shardings of ``tree``: the restore target."""
     return jax.tree.map(
@@ -105,6 +143,7 @@ class Checkpointer:
         for name in ("absl", "orbax"):  # (absl routes orbax's absl.logging calls here)
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
+        _install_quiet_hooks()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -278,9 +317,8 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     from etils import epath  # a local run directory or a gs:// workdir
     from flax import nnx
 
-    from jaxalign.algorithms.common import build_model_and_tokenizer, is_remote
 
-    run_dir = str(run_dir) if is_remote(str(run_dir)) else os.path.abspath(run_dir)
+    run_dir = str(run_dir) if storage.is_remote(str(run_dir)) else os.path.abspath(run_dir)
     config_path = epath.Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: no config.json (not a jaxalign run directory)")

@@ -1,7 +1,7 @@
 """Evaluation: prompts -> rollouts -> verifier -> metrics, one code path for eval and training.
 
 ``eval/evaluate.py`` (the benchmark report) and the training loops' held-out validation
-(``jaxalign.algorithms.common.validate``) both call ``rollout_and_score`` and
+(``validate``, below) both call ``rollout_and_score`` and
 ``reward_metrics``, so a checkpoint's numbers in ``metrics.jsonl`` and in an eval report
 agree when the prompts, sampling and examples are the same.
 
@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -651,3 +651,50 @@ class SampleStore:
         """Stored records (only those of ``indices`` when given), ordered by (index, sample)."""
         keep = None if indices is None else set(indices)
         return [self.records[k] for k in sorted(self.records) if keep is None or k[0] in keep]
+
+
+# --- in-training validation ---------------------------------------------------------
+
+
+def reward_function(name: str) -> Callable[..., dict]:
+    """The verifier reward that goes with a prompt template (``evaluation.REWARDS``)."""
+    return REWARDS[name]
+
+
+def score(responses: Sequence[str], answers: Sequence[Any], reward: str, num_workers: int):
+    """Verifier rewards (dicts with ``reward``, ``format_reward``, ``answer_reward``)."""
+    return score_batch(list(responses), list(answers), reward_function(reward),
+                       num_workers=num_workers)
+
+
+def validate(
+    engine,
+    examples: Sequence,
+    *,
+    template: str,
+    reward: str,
+    sampling,
+    num_workers: int,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out rewards of ``engine`` on ``examples`` (``MathExample``), ``sampling.n`` each.
+
+    The same code as ``eval/evaluate.py`` (``rollout_and_score`` and ``reward_metrics``),
+    so a checkpoint scores the same here and in an eval report.
+
+    Returns:
+        ``(metrics, records)``: mean ``answer_reward`` / ``format_reward`` / ``reward``,
+        response lengths in tokens (all, correct, incorrect) and ``truncated_fraction``; one
+        record per sample with prompt, response, gold answer, extracted answer, rewards,
+        length and finish reason (for ``write_generations``).
+    """
+    records = rollout_and_score(engine, examples, template=template, reward=reward,
+                                sampling=sampling, num_workers=num_workers)
+    return summarize_rewards(records), records
+
+
+def summarize_rewards(records: Sequence[dict[str, Any]], prefix: str = "") -> dict[str, float]:
+    """Mean rewards, lengths (all / correct / incorrect) and truncation of scored responses.
+
+    ``reward_metrics`` with ``prefix`` on every key.
+    """
+    return {prefix + k: v for k, v in reward_metrics(records).items()}

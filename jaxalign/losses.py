@@ -696,3 +696,21 @@ def grpo_microbatch_loss(
     if "is_clipped" in pg_meta:
         metadata["clip_fraction"] = masked_mean(pg_meta["is_clipped"], response_mask)
     return loss / gradient_accumulation_steps, metadata
+
+
+def policy_log_probs(
+    model, input_ids: jax.Array, labels: jax.Array, *, chunk_size: int = 0, entropy: bool = False
+) -> dict[str, jax.Array]:
+    """``{"log_probs": [B, T], "token_entropy"?: [B, T]}`` of ``labels`` under ``model``.
+
+    Rows are right-padded (prompt + response + pad), so the causal mask alone keeps padding
+    out of every real position: no attention mask is needed. With ``chunk_size > 0`` the
+    vocabulary projection runs over chunks of that many positions
+    (``chunked_log_probs``; same values and gradients, bounded memory).
+    """
+    if chunk_size:
+        hidden = model.hidden_states(input_ids)  # [B, T, D]
+        return chunked_log_probs(
+            hidden, model.logits, labels, chunk_size=chunk_size, return_token_entropy=entropy
+        )
+    return get_response_log_probs(model, input_ids, labels, return_token_entropy=entropy)

@@ -135,3 +135,21 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, opta
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
     return tx, schedule
+
+
+def optim_config(c, total_steps: int) -> OptimConfig:
+    """``OptimConfig`` from a config's ``optim`` block; ``total_steps`` counts optimizer steps."""
+    return OptimConfig(
+        lr=c.lr,
+        lr_min=c.lr_min,
+        warmup_steps=None if c.warmup_steps < 0 else min(c.warmup_steps, total_steps),
+        warmup_ratio=c.warmup_ratio,
+        total_steps=max(total_steps, 1),
+        schedule=c.schedule,
+        b1=c.b1,
+        b2=c.b2,
+        eps=c.eps,
+        weight_decay=c.weight_decay,
+        grad_clip=c.grad_clip or None,
+        grad_accum_steps=c.grad_accum_steps,
+    )

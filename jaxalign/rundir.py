@@ -1,4 +1,9 @@
-"""The rules of a run directory: when a restart may resume it, and what each restart records.
+"""The run directory: what a training run writes, and when a restart may resume it.
+
+``RunState`` is a loop's view of its run directory: the metrics log, the checkpointer and
+resume (``resume`` restores the latest checkpoint; ``save``, ``log``). ``write_summary``,
+``write_generations``, ``plot_metrics`` and ``export_hf`` write what a person reads after a
+run. The rules of resuming:
 
 A run directory (``config.workdir``) belongs to one run. Restarting the same command with
 the same workdir resumes it from its latest checkpoint; restarting with another config is
@@ -21,11 +26,24 @@ checked here first, *before anything in the directory changes*:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxalign import storage
+from jaxalign.checkpoint import Checkpointer
+from jaxalign.config import ConfigError
+from jaxalign.logging import MetricsLogger, read_metrics
+from jaxalign.models import save_pretrained
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
@@ -164,3 +182,192 @@ def truncate_log(path: str | os.PathLike, last_step: int) -> int:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     return dropped
+
+
+# --- run state: logging, checkpoints, resume -------------------------------------------
+
+
+class RunState:
+    """The run directory's logger and checkpointer, and the clock of a training loop.
+
+    ``resume(trainer, data_iterators)`` restores the latest checkpoint (if any) into the
+    trainer and iterators and returns the ``extra`` dict saved with it (step, RNG, ...). It
+    also opens the metrics log, after dropping what a killed attempt logged past that
+    checkpoint (``jaxalign.rundir.truncate_log``), so ``log`` works only after ``resume``.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.is_main = jax.process_index() == 0
+        self.logger = None  # opened by resume()
+        self.checkpointer = Checkpointer(
+            self.checkpoint_dir("checkpoints"),
+            max_to_keep=cfg.checkpoint.max_to_keep,
+            save_every=cfg.checkpoint.save_every,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.start_time = time.time()
+
+    def checkpoint_dir(self, name: str):
+        """Where checkpoints called ``name`` go: under a remote (gs://) workdir itself (orbax
+        writes there, collectively; the other files are staged in run_dir and copied up by
+        ``sync_up``), else under the run directory."""
+        if storage.is_remote(self.cfg.workdir):
+            return self.cfg.workdir.rstrip("/") + "/" + name
+        return self.run_dir / name
+
+    def resume(self, trainer, iterators: dict[str, Any]) -> dict[str, Any] | None:
+        """Loads the latest checkpoint into ``trainer`` and ``iterators``; None if there is none.
+
+        Raises:
+            ConfigError: the checkpoint does not fit this run's model or optimizer (nothing
+                in the run directory has been changed).
+        """
+        step = self.checkpointer.latest_step()
+        if step is None:
+            self._open_log(last_step=-1)  # a fresh start: nothing logged before counts
+            return None
+        try:
+            params, opt_state, extra = self.checkpointer.restore(trainer.params,
+                                                                 trainer.opt_state)
+        except Exception as e:  # orbax: a shape, dtype or tree-structure mismatch
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            raise ConfigError(
+                f"checkpoint step {step} in {self.checkpointer.directory} does not fit this "
+                f"config ({lines[0][:300]}). Nothing in the run directory was changed: resume "
+                "with the config the run was started with (its config.json), or set "
+                "config.workdir to a new directory") from None
+        trainer.params, trainer.opt_state = params, opt_state
+        trainer.step = int(extra["trainer_step"])
+        for name, it in iterators.items():
+            it.set_state(extra["data"][name])
+        logger.info("resumed from %s step %d", self.checkpointer.directory, step)
+        self._open_log(last_step=step)
+        if self.is_main:
+            record_resume(self.run_dir, self.cfg.to_dict(), step)
+            print(f"resumed from checkpoint step {step} in {self.checkpointer.directory}")
+        return extra
+
+    def _open_log(self, last_step: int) -> None:
+        """Drops the records past ``last_step`` (a killed attempt's), then opens the log."""
+        if self.is_main:
+            for name in ("metrics.jsonl", "generations.jsonl"):
+                dropped = truncate_log(self.run_dir / name, last_step)
+                if dropped:
+                    logger.warning("%s: dropped %d records logged after step %d by the "
+                                   "attempt that was stopped; they are logged again", name,
+                                   dropped, last_step)
+        cfg = self.cfg
+        self.logger = MetricsLogger(
+            self.run_dir,
+            wandb_mode=cfg.log.wandb_mode,
+            wandb_project=cfg.log.wandb_project,
+            run_name=self.run_dir.name,
+            config=cfg.to_dict(),
+        )
+
+    def save(self, step: int, trainer, iterators: dict[str, Any], *, force: bool = False,
+             **extra: Any) -> None:
+        """Saves at ``step`` every ``checkpoint.save_every`` steps (or when ``force``).
+
+        Raises:
+            CheckpointError: this save or the one before it failed (the loop stops; the
+                last good checkpoint is left as it is).
+        """
+        every = self.cfg.checkpoint.save_every
+        if not force and (every <= 0 or step % every):
+            return
+        if step in self.checkpointer.all_steps():
+            return
+        state = {
+            "step": step,
+            "trainer_step": trainer.step,
+            "data": {name: it.get_state() for name, it in iterators.items()},
+            **extra,
+        }
+        self.checkpointer.save(step, trainer.params, trainer.opt_state, state)
+        try:  # a remote workdir: the logs go up too
+            storage.sync_up(self.run_dir, self.cfg.workdir)
+        except Exception as e:  # a storage hiccup must not end the run: retried next save
+            logger.warning("copying the logs to %s failed (%s: %s); retried at the next "
+                           "checkpoint", self.cfg.workdir, type(e).__name__, e)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.logger is None:
+            raise RuntimeError("RunState.log before RunState.resume: resume() decides which "
+                               "logged steps stand and opens the log")
+        self.logger.log(step, {k: _scalar(v) for k, v in metrics.items()})
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, jax.Array | np.ndarray | np.generic):
+        return float(np.asarray(v))
+    return v
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json`` of a run (process 0)."""
+    if jax.process_index() == 0:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path | None:
+    """Writes the model as a HF directory; returns it (on process 0, else None).
+
+    Every process calls this: ``save_pretrained`` gathers sharded parameters from all of
+    them (a collective) and only process 0 writes files.
+    """
+    save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype)
+    return Path(out_dir) if jax.process_index() == 0 else None
+
+
+def write_generations(run_dir: Path, step: int, records: Sequence[dict[str, Any]],
+                      limit: int) -> None:
+    """Appends up to ``limit`` records, tagged with ``step``, to ``generations.jsonl``."""
+    if jax.process_index() != 0 or limit <= 0:
+        return
+    with open(Path(run_dir) / "generations.jsonl", "a") as f:
+        for r in list(records)[:limit]:
+            f.write(json.dumps({"step": step, **r}) + "\n")
+
+
+def plot_metrics(run_dir: Path, panels: Sequence[tuple[str, Sequence[str]]],
+                 filename: str = "curves.png") -> Path | None:
+    """One PNG of metric curves from ``metrics.jsonl``: a panel per (title, keys)."""
+    if jax.process_index() != 0:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # (Each step is logged once, a resumed run drops what a killed attempt logged after its
+    # checkpoint: truncate_log. The last record of a step wins regardless.)
+    records = list({r["step"]: r for r in read_metrics(Path(run_dir) / "metrics.jsonl")}.values())
+    records.sort(key=lambda r: r["step"])
+    panels = [(t, [k for k in keys if any(k in r for r in records)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), int | float)]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / filename
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -16,11 +16,13 @@ its own (sampling its share of the prompts).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -121,6 +123,33 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def shard(x: jax.Array, *logical_axes: str | None,
+          rules: Mapping[str, str | tuple[str, ...] | None] = ACTIVATION_RULES) -> jax.Array:
+    """Constrains an activation to the sharding of its logical axes (``ACTIVATION_RULES``:
+    batch over data x fsdp) on the mesh in context (``traced_on``: the trainer's steps); a
+    no-op without one (single device, the sampler). Axes that do not divide stay
+    replicated, as for parameters."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, mesh,
+                                                                x.shape))
+
+
+def traced_on(mesh: Mesh | None, fn):
+    """``fn``, traced with ``mesh`` as the mesh in context, so the ``shard`` constraints in
+    the model apply whoever calls or lowers the jitted function; ``fn`` itself for None."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def named_sharding(
     mesh: Mesh,
     logical_axes: Sequence[str | None],
@@ -128,3 +157,23 @@ def named_sharding(
     rules: Mapping[str, str | tuple[str, ...] | None] = PARAM_RULES,
 ) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh, shape))
+
+
+def shard_params(state: nnx.State, mesh, rules=PARAM_RULES) -> nnx.State:
+    """Places every parameter of ``state`` by its logical axes (no-op sharding for mesh=None)."""
+    if mesh is None:
+        return state
+
+    def put(var):
+        axes = var.get_metadata()["logical_axes"]
+        sh = named_sharding(mesh, axes, var.shape, rules)
+        return var.replace(jax.device_put(var[...], sh))
+
+    return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mesh_from_config(cfg) -> Mesh | None:
+    """The (data, fsdp, tensor) mesh; None on a single device (plain jit, no shardings)."""
+    if jax.device_count() == 1:
+        return None
+    return make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

@@ -30,10 +30,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxalign import cli, distributed
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import ConfigError, validate_common
+from jaxalign import cli, distributed, storage
 from jaxalign.checkpoint import CheckpointError
+from jaxalign.config import ConfigError, validate_common
 from jaxalign.data.datasets import DataError
 
 # The loops a config can name (each module has ``validate(cfg)`` and ``run(cfg, run_dir)``).
@@ -61,9 +60,9 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     fresh run (a resumed run keeps the config it was started with; each resume is recorded
     in ``resumes.jsonl`` once its checkpoint is restored). Every process gets process 0's
     directory (each would stamp its own time). For a remote ``workdir`` this is the local
-    staging directory (``common.staging_dir``); process 0 first copies down what an earlier
-    attempt left in the workdir (``common.copy_tree``'s ``keep_larger``), and copies the
-    staged files up after every checkpoint save (``common.sync_up``) and at the end.
+    staging directory (``storage.staging_dir``); process 0 first copies down what an earlier
+    attempt left in the workdir (``storage.copy_tree``'s ``keep_larger``), and copies the
+    staged files up after every checkpoint save (``storage.sync_up``) and at the end.
     """
     from jaxalign import rundir
     from jaxalign.checkpoint import checkpoint_steps
@@ -71,7 +70,7 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     workdir = distributed.broadcast_object(
         cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
-    run_dir = common.staging_dir(workdir) if common.is_remote(workdir) else Path(workdir)
+    run_dir = storage.staging_dir(workdir) if storage.is_remote(workdir) else Path(workdir)
     error = None
     if distributed.is_main():
         try:
@@ -79,8 +78,8 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
             probe = run_dir / ".jaxalign-write-test"  # a read-only mount fails here, not later
             probe.write_text("")
             probe.unlink()
-            if common.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
-                common.copy_tree(workdir, run_dir, skip=common.SYNC_SKIP, keep_larger=True)
+            if storage.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
+                storage.copy_tree(workdir, run_dir, skip=storage.SYNC_SKIP, keep_larger=True)
             if checkpoint_steps(workdir) or checkpoint_steps(workdir, "warmstart_checkpoints"):
                 error = rundir.check_resume(run_dir, cfg.to_dict())
             else:  # a fresh run (or one killed before its first checkpoint)
@@ -92,7 +91,7 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     error = distributed.broadcast_object(error)
     if error:
         raise ConfigError(error)
-    if not common.is_remote(workdir):  # (a remote workdir's staging directory is local by design)
+    if not storage.is_remote(workdir):  # (a remote workdir's staging directory is local by design)
         try:
             distributed.check_shared_directory(run_dir)
         except ValueError as e:
@@ -107,8 +106,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     try:
         return module.run(cfg, run_dir)
     finally:
-        if common.is_remote(cfg.workdir) and distributed.is_main():
-            common.copy_tree(run_dir, cfg.workdir)
+        if storage.is_remote(cfg.workdir) and distributed.is_main():
+            storage.copy_tree(run_dir, cfg.workdir)
 
 
 def main(argv):

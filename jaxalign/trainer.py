@@ -32,19 +32,6 @@ from jaxalign import sharding as sharding_lib
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
 
 
-def shard_params(state: nnx.State, mesh, rules=sharding_lib.PARAM_RULES) -> nnx.State:
-    """Places every parameter of ``state`` by its logical axes (no-op sharding for mesh=None)."""
-    if mesh is None:
-        return state
-
-    def put(var):
-        axes = var.get_metadata()["logical_axes"]
-        sh = sharding_lib.named_sharding(mesh, axes, var.shape, rules)
-        return var.replace(jax.device_put(var[...], sh))
-
-    return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding | None:
     """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
     if mesh is None:
@@ -95,7 +82,7 @@ class Trainer:
         cls, model: nnx.Module, tx: optax.GradientTransformation, loss_fn: LossFn, mesh=None
     ) -> Trainer:
         graphdef, params = nnx.split(model, nnx.Param)
-        params = shard_params(params, mesh)
+        params = sharding_lib.shard_params(params, mesh)
         if mesh is None:
             opt_state = jax.jit(tx.init)(params)
         else:
@@ -133,6 +120,9 @@ class Trainer:
             loss, metrics = loss_fn(nnx.merge(graphdef, params), batch)
             return dict(metrics, loss=loss)
 
+        # Traced on the mesh, so the model's activations follow ACTIVATION_RULES.
+        train_step = sharding_lib.traced_on(self.mesh, train_step)
+        eval_step = sharding_lib.traced_on(self.mesh, eval_step)
         param_sh = jax.tree.map(lambda x: x.sharding, self.params)
         opt_sh = jax.tree.map(lambda x: x.sharding, self.opt_state)
         if self.mesh is None:

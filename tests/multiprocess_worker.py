@@ -55,9 +55,9 @@ def main() -> None:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "algorithms"))
         from cfg_helpers import fake_score
 
-        from jaxalign.algorithms import common
+        from jaxalign import evaluation
 
-        common.score = fake_score
+        evaluation.score = fake_score
     sys.argv = ["jaxalign.train", *argv[sep + 1 :]]
     runpy.run_module("jaxalign.train", run_name="__main__", alter_sys=True)
 

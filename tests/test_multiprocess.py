@@ -37,9 +37,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign import distributed
-from jaxalign.algorithms import common
+from jaxalign import distributed, optim, storage
 from jaxalign.logging import read_metrics
+from jaxalign.models import build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "multiprocess_worker.py"
@@ -242,15 +242,15 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_restores_here(tm
 
     # Restore the 2-process checkpoint in this process (8 devices, fsdp=4 x tensor=2).
     from jaxalign import sharding
-    from jaxalign.algorithms import common, grpo
+    from jaxalign.algorithms import grpo
     from jaxalign.checkpoint import Checkpointer
     from jaxalign.optim import make_optimizer
     from jaxalign.trainer import Trainer
 
     cfg = _load_config("grpo", GRPO)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
-    model, _ = common.build_model_and_tokenizer(cfg.model, mesh)
-    tx, _ = make_optimizer(common.optim_config(cfg.optim, 8))
+    model, _ = build.build_model_and_tokenizer(cfg.model, mesh)
+    tx, _ = make_optimizer(optim.optim_config(cfg.optim, 8))
     loss_fn = grpo.grpo_loss_fn(cfg.grpo, use_old=True, use_tis=False, normalize_constant=16)
     trainer = Trainer.create(model, tx, loss_fn, mesh)
     ckpt = Checkpointer(two / "checkpoints", async_save=False)
@@ -325,21 +325,21 @@ def test_host_helpers_are_identities_on_one_process():
 
 
 def test_remote_workdir_is_staged_and_copied_without_checkpoints(tmp_path, monkeypatch):
-    monkeypatch.setenv(common.STAGING_ENV, str(tmp_path / "staging"))
-    assert common.is_remote("gs://bucket/runs/a") and not common.is_remote("/runs/a")
-    staged = common.staging_dir("gs://bucket/runs/a")
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    assert storage.is_remote("gs://bucket/runs/a") and not storage.is_remote("/runs/a")
+    staged = storage.staging_dir("gs://bucket/runs/a")
     assert staged.parent == tmp_path / "staging" and staged.name.startswith("a-")
-    assert staged != common.staging_dir("gs://other/runs/a")  # same basename, other run
+    assert staged != storage.staging_dir("gs://other/runs/a")  # same basename, other run
     src = tmp_path / "src"
     (src / "hf").mkdir(parents=True)
     (src / "checkpoints" / "3").mkdir(parents=True)
     (src / "metrics.jsonl").write_text("{}\n")
     (src / "hf" / "config.json").write_text("{}")
     (src / "checkpoints" / "3" / "x").write_text("big")
-    assert common.copy_tree(src, tmp_path / "dst") == 2
+    assert storage.copy_tree(src, tmp_path / "dst") == 2
     assert (tmp_path / "dst" / "hf" / "config.json").exists()
     assert not (tmp_path / "dst" / "checkpoints").exists()  # orbax wrote those remotely
-    assert common.copy_tree(tmp_path / "missing", tmp_path / "dst") == 0
+    assert storage.copy_tree(tmp_path / "missing", tmp_path / "dst") == 0
 
 
 def test_a_workdir_another_host_cannot_see_is_refused(tmp_path, monkeypatch):

@@ -28,9 +28,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import check
+from jaxalign import optim, rundir
 from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+from jaxalign.config import check, check_micro_batch
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -41,7 +41,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           f"config.ei.questions_per_step={e.questions_per_step} must be >= 1")
     check(e.sft_epochs >= 1, f"config.ei.sft_epochs={e.sft_epochs} must be >= 1")
     check(e.keep in ("answer", "reward"), f"config.ei.keep={e.keep!r}; choose answer or reward")
-    common.check_micro_batch(cfg, "ei.batch_size", e.batch_size)
+    check_micro_batch(cfg, "ei.batch_size", e.batch_size)
     validate_rollout_config(cfg)
 
 
@@ -119,7 +119,7 @@ class ExpertIteration(PolicyRun):
         # schedule spans an upper bound, every rollout kept.
         upper = e.n_ei_steps * e.sft_epochs * -(-e.questions_per_step * e.group_size
                                                 // e.batch_size)
-        tx, self.schedule = make_optimizer(common.optim_config(cfg.optim, upper))
+        tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, upper))
         self.trainer = Trainer.create(self.policy, tx, sft.sft_loss_fn(cfg.train.loss_chunk_size),
                                       self.mesh)
         self.start_engine(self.trainer.model())
@@ -195,8 +195,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     if not eval_after and start >= n:
         eval_after = ei.evaluate(n)
     if cfg.checkpoint.export_hf:
-        common.export_hf(ei.trainer.model(), ei.tokenizer, Path(run_dir) / "hf")
-    common.plot_metrics(run_dir, [
+        rundir.export_hf(ei.trainer.model(), ei.tokenizer, Path(run_dir) / "hf")
+    rundir.plot_metrics(run_dir, [
         ("reward", ["train/answer_reward", "eval/answer_reward", "train/kept_fraction"]),
         ("entropy", ["train/entropy"]),
         ("loss", ["train/loss"]),
@@ -213,5 +213,5 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }
-    common.write_summary(run_dir, summary)
+    rundir.write_summary(run_dir, summary)
     return summary

@@ -53,10 +53,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxalign import losses
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import check
+from jaxalign import losses, optim, rundir, sharding
 from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+from jaxalign.config import check, check_micro_batch
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(g.rollout_batch_size % g.train_batch_size == 0,
           f"config.grpo.rollout_batch_size={g.rollout_batch_size} must be a multiple of "
           f"config.grpo.train_batch_size={g.train_batch_size}")
-    common.check_micro_batch(cfg, "grpo.train_batch_size", g.train_batch_size)
+    check_micro_batch(cfg, "grpo.train_batch_size", g.train_batch_size)
     check(g.epochs_per_rollout_batch >= 1,
           f"config.grpo.epochs_per_rollout_batch={g.epochs_per_rollout_batch} must be >= 1")
     check(g.loss_type in losses.LOSS_TYPES,
@@ -178,10 +177,15 @@ def zero_std_groups(raw_rewards: np.ndarray, group_size: int) -> np.ndarray:
     return np.repeat(same, group_size)
 
 
-def bucket_width(longest: int, multiple: int, cap: int) -> int:
-    """Static width T for rows of up to ``longest`` tokens: a multiple of ``multiple``."""
+def bucket_width(longest: int, multiple: int) -> int:
+    """Static width T for rows of up to ``longest`` tokens: the next multiple of ``multiple``.
+
+    Never capped at the step's longest prompt + ``max_tokens``: that cap moves with every
+    step's prompts, so under a real tokenizer almost every step got its own width and the
+    train step recompiled each time (8 steps, 8 widths on GSM8K; tests/test_real_recipe.py).
+    """
     need = max(longest - 1, 1)
-    return min(-(-need // multiple) * multiple, max(cap, need))
+    return -(-need // multiple) * multiple
 
 
 # --- the loss ---------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
     high = g.cliprange_high if g.cliprange_high > 0 else None
 
     def loss_fn(model, batch):
-        out = common.policy_log_probs(model, batch["input_ids"], batch["labels"],
+        out = losses.policy_log_probs(model, batch["input_ids"], batch["labels"],
                                       chunk_size=chunk_size, entropy=True)
         logp, mask = out["log_probs"], batch["response_mask"]
         loss, meta = losses.grpo_microbatch_loss(
@@ -221,15 +225,16 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
     return loss_fn
 
 
-def make_log_prob_fn(graphdef, chunk_size: int = 0):
-    """Jitted ``(params, input_ids, labels) -> log_probs [B, T]`` (old and reference)."""
+def make_log_prob_fn(graphdef, chunk_size: int = 0, mesh=None):
+    """Jitted ``(params, input_ids, labels) -> log_probs [B, T]`` (old and reference),
+    traced on ``mesh`` like the train step (activations sharded by batch)."""
 
     def fn(params, input_ids, labels):
         model = nnx.merge(graphdef, params)
-        return common.policy_log_probs(model, input_ids, labels, chunk_size=chunk_size)[
+        return losses.policy_log_probs(model, input_ids, labels, chunk_size=chunk_size)[
             "log_probs"]
 
-    return jax.jit(fn)
+    return jax.jit(sharding.traced_on(mesh, fn))
 
 
 def micro_batches(batch: dict[str, np.ndarray], size: int):
@@ -254,7 +259,7 @@ class GRPO(PolicyRun):
         steps_per_rollout = g.epochs_per_rollout_batch * (g.rollout_batch_size
                                                           // g.train_batch_size)
         tx, self.schedule = make_optimizer(
-            common.optim_config(cfg.optim, g.n_grpo_steps * steps_per_rollout))
+            optim.optim_config(cfg.optim, g.n_grpo_steps * steps_per_rollout))
         self.use_old = g.loss_type in RATIO_LOSSES
         tis = g.old_log_probs == "engine" if g.tis == "auto" else g.tis == "on"
         # With old log-probs from the engine, a ratio loss already divides by the sampler's
@@ -268,7 +273,8 @@ class GRPO(PolicyRun):
                          chunk_size=cfg.train.loss_chunk_size),
             self.mesh,
         )
-        self.log_prob_fn = make_log_prob_fn(self.trainer.graphdef, cfg.train.loss_chunk_size)
+        self.log_prob_fn = make_log_prob_fn(self.trainer.graphdef, cfg.train.loss_chunk_size,
+                                            self.mesh)
         self.ref_params = None
         if g.beta > 0:  # the frozen starting policy (a copy: the trainer donates its buffers)
             self.ref_params = jax.tree.map(jnp.copy, self.trainer.params)
@@ -295,8 +301,7 @@ class GRPO(PolicyRun):
             keep &= ~truncated
         longest = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions,
                                                                   strict=True))
-        max_prompt = max(len(p) for p in prompt_ids)
-        width = bucket_width(longest, self.cfg.train.width_multiple, max_prompt + s.max_tokens)
+        width = bucket_width(longest, self.cfg.train.width_multiple)
         batch = build_rollout_batch(prompt_ids, completions, advantages, raw, pad_id=self.pad_id,
                                     width=width, row_mask=keep)
         answer = np.array([sc["answer_reward"] for sc in scores])
@@ -449,8 +454,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     if not eval_after and start >= g.n_grpo_steps:
         eval_after = grpo.evaluate(g.n_grpo_steps)
     if cfg.checkpoint.export_hf:
-        common.export_hf(grpo.trainer.model(), grpo.tokenizer, Path(run_dir) / "hf")
-    common.plot_metrics(run_dir, [
+        rundir.export_hf(grpo.trainer.model(), grpo.tokenizer, Path(run_dir) / "hf")
+    rundir.plot_metrics(run_dir, [
         ("reward", ["train/reward", "train/answer_reward", "train/format_reward",
                     "eval/answer_reward"]),
         ("entropy", ["train/entropy"]),
@@ -473,7 +478,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }
-    common.write_summary(run_dir, summary)
+    rundir.write_summary(run_dir, summary)
     if jax.process_index() == 0:
         print_table(summary)
     return summary

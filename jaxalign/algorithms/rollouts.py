@@ -2,7 +2,7 @@
 
 ``PolicyRun`` builds, from a config:
 
-* the mesh, the policy and its tokenizer (``common.build_model_and_tokenizer``), and for
+* the mesh, the policy and its tokenizer (``jaxalign.models.build``), and for
   the demo a short SFT warm start on generated traces (``warmstart.sft_steps``);
 * the training questions as a resumable grain iterator, and the held-out set;
 * the rollout engine (the in-process ``JaxEngine`` or HTTP sidecars) once the subclass has
@@ -34,9 +34,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import ConfigError, check
+from jaxalign import evaluation, optim, rundir, sharding
+from jaxalign.algorithms import sft
+from jaxalign.config import ConfigError, check, check_micro_batch
 from jaxalign.data import datasets
+from jaxalign.models import build
 
 logger = logging.getLogger(__name__)
 
@@ -82,36 +84,6 @@ def _problem_file(data: ml_collections.ConfigDict) -> tuple[str, str]:
     if data.source == "math":
         return "train_file", data.train_file
     return "source", data.source
-
-
-def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens: int,
-                             context: int, skip: bool, what: str, fix: str) -> list:
-    """The ``MathExample`` questions whose prompt leaves room for ``new_tokens`` generated
-    tokens within the model's ``context`` (``max_position_embeddings``).
-
-    Checked when the data is loaded, with the tokenizer and model config at hand, so an
-    over-long prompt stops the run before anything compiles rather than sampling quietly
-    wrong tokens past the context. With ``skip`` (``data.skip_invalid``) they are dropped and
-    counted in a warning instead (``jaxalign.data.tokenize.fit_to_context``).
-
-    Raises:
-        ConfigError: some prompts do not fit and not ``skip``: how many, the longest, the
-            limit and ``fix`` (what to change).
-    """
-    from jaxalign.data.prompts import format_prompt
-    from jaxalign.data.tokenize import fit_to_context
-
-    if not questions:
-        return []
-    prompts = [format_prompt(template, q.question) for q in questions]
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    names = [q.source or f"row {i}" for i, q in enumerate(questions)]
-    try:
-        kept = fit_to_context(lengths, new_tokens, context, skip=skip, names=names, what=what,
-                              fix=fix)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return [questions[i] for i in kept]
 
 
 def sidecar_urls(urls: str) -> list[str]:
@@ -174,7 +146,7 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
         check(cfg.data.source == "synthetic",
               "config.warmstart.sft_steps > 0 needs data.source='synthetic' (it trains on "
               "generated traces); real runs start from a checkpoint: set warmstart.sft_steps=0")
-        common.check_micro_batch(cfg, "warmstart.batch_size", cfg.warmstart.batch_size)
+        check_micro_batch(cfg, "warmstart.batch_size", cfg.warmstart.batch_size)
 
 
 class PolicyRun:
@@ -185,15 +157,15 @@ class PolicyRun:
         engine: the rollout engine (after ``start_engine``).
         questions: resumable iterator of ``prompts_per_step`` training questions.
         held_out: held-out ``MathExample`` rows.
-        run: the run directory's ``common.RunState``.
+        run: the run directory's ``jaxalign.rundir.RunState``.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path, *, prompts_per_step: int):
         from jaxalign.data.pipeline import make_example_iterator
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.mesh = common.mesh_from_config(cfg)
-        self.policy, self.tokenizer = common.build_model_and_tokenizer(cfg.model, self.mesh)
+        self.mesh = sharding.mesh_from_config(cfg)
+        self.policy, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
         self.train_questions, self.held_out = load_questions(cfg.data)
         self._fit_to_context(cfg)
         check(len(self.train_questions) >= prompts_per_step,
@@ -202,7 +174,7 @@ class PolicyRun:
         check(prompts_per_step % jax.process_count() == 0,
               f"the {prompts_per_step} questions of a step do not split evenly over the "
               f"{jax.process_count()} processes")
-        self.run = common.RunState(cfg, run_dir)
+        self.run = rundir.RunState(cfg, run_dir)
         self.resuming = self.run.checkpointer.latest_step() is not None
         self.warmstart_result: dict[str, Any] = {}
         if cfg.warmstart.sft_steps and not self.resuming:
@@ -216,16 +188,14 @@ class PolicyRun:
         """Holds the data to the policy's ``max_position_embeddings`` before anything compiles:
         prompt + ``sampling.max_tokens`` (the engine's samples and the trainer's forward over
         them), and the warm start's widths."""
-        from jaxalign.algorithms import sft
-
         context = self.policy.config.max_position_embeddings
         fix = ("lower config.sampling.max_tokens, use a model with a longer context, or set "
                "config.data.skip_invalid=True to skip these prompts (counted in the log)")
         fit = dict(template=cfg.data.template, new_tokens=cfg.sampling.max_tokens,
                    context=context, skip=cfg.data.skip_invalid, fix=fix)
-        self.train_questions = fit_questions_to_context(
+        self.train_questions = sft.fit_questions_to_context(
             self.train_questions, self.tokenizer, what="training questions", **fit)
-        self.held_out = fit_questions_to_context(
+        self.held_out = sft.fit_questions_to_context(
             self.held_out, self.tokenizer, what="held-out questions", **fit)
         if cfg.warmstart.sft_steps:
             sft.check_seq_buckets(cfg.warmstart.seq_buckets, context, "warmstart.seq_buckets")
@@ -239,7 +209,6 @@ class PolicyRun:
         starting again, and ``warmstart.jsonl`` keeps each step once.
         """
         from jaxalign import rundir
-        from jaxalign.algorithms import sft
         from jaxalign.checkpoint import Checkpointer
         from jaxalign.data import synthetic
         from jaxalign.logging import MetricsLogger
@@ -249,9 +218,9 @@ class PolicyRun:
         w, accum = self.cfg.warmstart, self.cfg.optim.grad_accum_steps
         pairs = synthetic.sft_traces(self.train_questions, self.cfg.data.template,
                                      slip_rate=w.slip_rate, seed=self.cfg.seed)
-        optim = ml_collections.ConfigDict(dict(self.cfg.optim.to_dict(), lr=w.lr,
-                                               warmup_steps=w.warmup_steps, schedule="cosine"))
-        tx, schedule = make_optimizer(common.optim_config(optim, w.sft_steps))
+        warm_optim = ml_collections.ConfigDict(dict(self.cfg.optim.to_dict(), lr=w.lr,
+                                                    warmup_steps=w.warmup_steps, schedule="cosine"))
+        tx, schedule = make_optimizer(optim.optim_config(warm_optim, w.sft_steps))
         trainer = Trainer.create(model, tx, sft.sft_loss_fn(), self.mesh)
         it = sft.sft_iterator(pairs, self.tokenizer, batch_size=w.batch_size,
                               grad_accum_steps=accum, seq_buckets=w.seq_buckets,
@@ -357,7 +326,7 @@ class PolicyRun:
         completions = [c for group in groups for c in group]
         t1 = time.perf_counter()
         answers = [q.answer for q in questions for _ in range(n)]
-        scores = common.score([c.text for c in completions], answers, self.cfg.data.reward,
+        scores = evaluation.score([c.text for c in completions], answers, self.cfg.data.reward,
                               self.cfg.eval.num_workers)
         t2 = time.perf_counter()
         if jax.process_count() > 1:  # every process gets the whole step (module docstring)
@@ -374,11 +343,11 @@ class PolicyRun:
         """Held-out rewards of the engine's current weights (logged as ``eval/*``)."""
         if not self.held_out:
             return {}
-        metrics, records = common.validate(
+        metrics, records = evaluation.validate(
             self.engine, self.held_out, template=self.cfg.data.template,
             reward=self.cfg.data.reward, sampling=self.sampling_params(step, 1, eval_=True),
             num_workers=self.cfg.eval.num_workers)
-        common.write_generations(self.run_dir, step, records, self.cfg.log.num_generations)
+        rundir.write_generations(self.run_dir, step, records, self.cfg.log.num_generations)
         metrics = {"eval/" + k: v for k, v in metrics.items()}
         self.run.log(step, metrics)
         return metrics

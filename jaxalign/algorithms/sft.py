@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxalign import losses
-from jaxalign.algorithms import common
-from jaxalign.algorithms.common import check
+from jaxalign import evaluation, losses, optim, rundir, sharding
+from jaxalign.config import ConfigError, check, check_micro_batch
+from jaxalign.models import build
 
 
 def sft_loss_fn(chunk_size: int = 0, normalize_constant: float = 0.0):
@@ -42,7 +42,7 @@ def sft_loss_fn(chunk_size: int = 0, normalize_constant: float = 0.0):
     """
 
     def loss_fn(model, batch):
-        out = common.policy_log_probs(
+        out = losses.policy_log_probs(
             model, batch["input_ids"], batch["labels"], chunk_size=chunk_size, entropy=True
         )
         mask = batch["response_mask"]
@@ -141,10 +141,40 @@ def run_sft_steps(trainer, it, *, steps, grad_accum_steps, schedule=None, run=No
     return last
 
 
+def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens: int,
+                             context: int, skip: bool, what: str, fix: str) -> list:
+    """The ``MathExample`` questions whose prompt leaves room for ``new_tokens`` generated
+    tokens within the model's ``context`` (``max_position_embeddings``).
+
+    Checked when the data is loaded, with the tokenizer and model config at hand, so an
+    over-long prompt stops the run before anything compiles rather than sampling quietly
+    wrong tokens past the context. With ``skip`` (``data.skip_invalid``) they are dropped and
+    counted in a warning instead (``jaxalign.data.tokenize.fit_to_context``).
+
+    Raises:
+        ConfigError: some prompts do not fit and not ``skip``: how many, the longest, the
+            limit and ``fix`` (what to change).
+    """
+    from jaxalign.data.prompts import format_prompt
+    from jaxalign.data.tokenize import fit_to_context
+
+    if not questions:
+        return []
+    prompts = [format_prompt(template, q.question) for q in questions]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    names = [q.source or f"row {i}" for i, q in enumerate(questions)]
+    try:
+        kept = fit_to_context(lengths, new_tokens, context, skip=skip, names=names, what=what,
+                              fix=fix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return [questions[i] for i in kept]
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
     check(t.steps >= 1, f"config.train.steps={t.steps} must be >= 1")
-    common.check_micro_batch(cfg, "train.batch_size", t.batch_size)
+    check_micro_batch(cfg, "train.batch_size", t.batch_size)
     check(list(t.seq_buckets) == sorted(t.seq_buckets) and len(t.seq_buckets) >= 1,
           f"config.train.seq_buckets={tuple(t.seq_buckets)} must be increasing")
     check(t.truncate in ("error", "right", "drop"),
@@ -178,14 +208,13 @@ def check_seq_buckets(seq_buckets: Sequence[int], context: int, field: str) -> N
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """SFT as configured; returns the summary (also written to ``summary.json``)."""
-    from jaxalign.algorithms.rollouts import fit_questions_to_context
     from jaxalign.optim import make_optimizer
     from jaxalign.rollout import JaxEngine, SamplingParams
     from jaxalign.trainer import Trainer
 
     t0 = time.time()
-    mesh = common.mesh_from_config(cfg)
-    model, tokenizer = common.build_model_and_tokenizer(cfg.model, mesh)
+    mesh = sharding.mesh_from_config(cfg)
+    model, tokenizer = build.build_model_and_tokenizer(cfg.model, mesh)
     pairs, held_out = load_pairs(cfg.data)
     # Before anything compiles: every row and every validation prompt within the context.
     context = model.config.max_position_embeddings
@@ -196,14 +225,14 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         what="held-out questions",
         fix="lower config.eval.max_tokens, use a model with a longer context, or set "
             "config.data.skip_invalid=True to skip these prompts (counted in the log)")
-    tx, schedule = make_optimizer(common.optim_config(cfg.optim, cfg.train.steps))
+    tx, schedule = make_optimizer(optim.optim_config(cfg.optim, cfg.train.steps))
     trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
                                                     cfg.train.normalize_constant), mesh)
     accum = cfg.optim.grad_accum_steps
     it = sft_iterator(pairs, tokenizer, batch_size=cfg.train.batch_size, grad_accum_steps=accum,
                       seq_buckets=cfg.train.seq_buckets, seed=cfg.seed,
                       truncate=cfg.train.truncate)
-    run_state = common.RunState(cfg, run_dir)
+    run_state = rundir.RunState(cfg, run_dir)
     extra = run_state.resume(trainer, {"train": it})
     start = int(extra["step"]) if extra else 0
 
@@ -220,10 +249,10 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
             engine = JaxEngine(trainer.model(), tokenizer, mesh,
                                max_batch_size=cfg.eval.batch_size)
         engine.update_weights(trainer.model())
-        metrics, records = common.validate(engine, held_out, template=cfg.data.template,
+        metrics, records = evaluation.validate(engine, held_out, template=cfg.data.template,
                                            reward=cfg.data.reward, sampling=sampling,
                                            num_workers=cfg.eval.num_workers)
-        common.write_generations(run_dir, step, records, cfg.log.num_generations)
+        rundir.write_generations(run_dir, step, records, cfg.log.num_generations)
         metrics = {"eval/" + k: v for k, v in metrics.items()}
         run_state.log(step, metrics)
         return metrics
@@ -241,8 +270,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     eval_after = evaluate(cfg.train.steps)
     run_state.save(cfg.train.steps, trainer, {"train": it}, force=True)
     if cfg.checkpoint.export_hf:
-        common.export_hf(trainer.model(), tokenizer, Path(run_dir) / "hf")
-    common.plot_metrics(run_dir, [("loss", ["train/loss"]), ("entropy", ["train/entropy"]),
+        rundir.export_hf(trainer.model(), tokenizer, Path(run_dir) / "hf")
+    rundir.plot_metrics(run_dir, [("loss", ["train/loss"]), ("entropy", ["train/entropy"]),
                                   ("held-out reward", ["eval/answer_reward",
                                                        "eval/format_reward"])])
     run_state.close()
@@ -257,5 +286,5 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }
-    common.write_summary(run_dir, summary)
+    rundir.write_summary(run_dir, summary)
     return summary

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign import sharding
 from jaxalign.models import rope
 
 ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
@@ -565,7 +566,11 @@ class Qwen2Model(nnx.Module):
             else None
         )
 
-        x = self.embed_tokens(input_ids)  # [B, T, D]
+        # The lookup's output would follow the embedding's layout ([V, D over fsdp]); pin it
+        # to the batch sharding so each device keeps its own rows through every layer and the
+        # vocabulary projection (without it, fsdp gathers the batch: 2x the step's memory at
+        # a 152k vocabulary, tests/test_real_recipe.py).
+        x = sharding.shard(self.embed_tokens(input_ids), "batch", "length", "embed")  # [B, T, D]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             mask = window_mask if cfg.layer_uses_sliding_window(i) else full_mask
@@ -576,7 +581,7 @@ class Qwen2Model(nnx.Module):
                 x, (k, v) = layer(x, cos, sin, mask, kv, index, fresh_cache)
                 new_k.append(k)
                 new_v.append(v)
-        x = self.norm(x)
+        x = sharding.shard(self.norm(x), "batch", "length", "embed")
         if cache is None:
             return x
         return x, KVCache(

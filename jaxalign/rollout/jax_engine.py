@@ -132,10 +132,9 @@ class JaxEngine:
     # --- weights ------------------------------------------------------------------------
 
     def _place(self, state):
-        from jaxalign.trainer import shard_params
-
         # Trainer parameters sharded over other hosts: gather a full copy here first.
-        return shard_params(distributed.local_replica(state), self.mesh, SAMPLING_RULES)
+        local = distributed.local_replica(state)
+        return sharding_lib.shard_params(local, self.mesh, SAMPLING_RULES)
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Installs new weights: a model, an ``nnx.State`` of its params, or a HF directory.

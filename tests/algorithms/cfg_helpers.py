@@ -37,7 +37,7 @@ def shrink(cfg, tmp_path, **mesh):
 
 
 def fake_score(responses, answers, reward, num_workers):
-    """Stands in for ``common.score``: a reward a random tiny model can earn (responses
+    """Stands in for ``evaluation.score``: a reward a random tiny model can earn (responses
     with an even number of 'e's), where the real verifier gives 0 everywhere."""
     out = []
     for r in responses:

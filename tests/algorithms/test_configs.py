@@ -8,7 +8,7 @@ import pytest
 from cfg_helpers import REPO_ROOT, load_config
 
 from jaxalign import train
-from jaxalign.algorithms.common import ConfigError
+from jaxalign.config import ConfigError
 
 CONFIGS = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py"))
 PRESETS = {
@@ -59,16 +59,15 @@ def test_cli_rejects_unknown_fields_and_reports_config_errors(tmp_path):
 def test_model_path_wins_over_the_random_preset(tmp_path):
     """``--config.model.path=DIR`` alone switches a demo config to the checkpoint: the
     preset and its ``arch`` overrides only shape random models."""
-    from jaxalign.algorithms import common
     from jaxalign.data.tokenizer import byte_tokenizer
-    from jaxalign.models import init_model, save_pretrained, tiny
+    from jaxalign.models import build, init_model, save_pretrained, tiny
 
     tok = byte_tokenizer()
     save_pretrained(init_model(tiny(vocab_size=len(tok)), seed=3), tmp_path / "ckpt", tokenizer=tok)
     cfg = load_config("grpo")  # the demo: preset "small" with arch overrides
     cfg.model.path = str(tmp_path / "ckpt")
     train.validate(cfg)
-    model, _ = common.build_model_and_tokenizer(cfg.model)
+    model, _ = build.build_model_and_tokenizer(cfg.model)
     assert model.config.num_hidden_layers == tiny().num_hidden_layers
     assert model.config.hidden_size == tiny().hidden_size
 

@@ -11,7 +11,7 @@ from cfg_helpers import load_config, shrink
 
 from jaxalign import train
 from jaxalign.algorithms import rollouts, sft
-from jaxalign.algorithms.common import ConfigError
+from jaxalign.config import ConfigError
 from jaxalign.data.datasets import DataError
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 from cfg_helpers import load_config, shrink
 
-from jaxalign import train
-from jaxalign.algorithms import common, expert_iteration
+from jaxalign import evaluation, train
+from jaxalign.algorithms import expert_iteration
 from jaxalign.logging import read_metrics
 
 
@@ -37,7 +37,7 @@ def test_one_expert_iteration_step_keeps_verified_rollouts_and_trains(tmp_path, 
         return [{"reward": float(len(r) % 2 == 0), "answer_reward": float(len(r) % 2 == 0),
                  "format_reward": 1.0} for r in responses]
 
-    monkeypatch.setattr(common, "score", score)
+    monkeypatch.setattr(evaluation, "score", score)
     cfg = shrink(load_config("ei"), tmp_path)
     cfg.ei.n_ei_steps, cfg.ei.questions_per_step, cfg.ei.group_size = 1, 8, 4
     cfg.ei.batch_size = 8

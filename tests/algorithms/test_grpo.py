@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from cfg_helpers import fake_score, load_config, shrink
 
-from jaxalign import train
-from jaxalign.algorithms import common, grpo
-from jaxalign.algorithms.common import ConfigError
+from jaxalign import evaluation, train
+from jaxalign.algorithms import grpo
+from jaxalign.config import ConfigError
 from jaxalign.logging import read_metrics
+from jaxalign.models import build
 from jaxalign.rollout import Completion
 
 # --- pure pieces --------------------------------------------------------------------------
@@ -54,9 +55,9 @@ def test_overlong_penalty_is_linear_over_the_buffer():
 def test_zero_std_groups_and_bucket_width():
     raw = np.array([1, 1, 1, 1, 0, 1, 0, 0], np.float32)
     np.testing.assert_array_equal(grpo.zero_std_groups(raw, 4), [True] * 4 + [False] * 4)
-    assert grpo.bucket_width(40, 32, 200) == 64
-    assert grpo.bucket_width(65, 32, 200) == 64
-    assert grpo.bucket_width(300, 32, 100) == 299  # capped by the longest possible row
+    assert grpo.bucket_width(40, 32) == 64
+    assert grpo.bucket_width(65, 32) == 64
+    assert grpo.bucket_width(300, 32) == 320  # a multiple, whatever the step's rows
 
 
 def test_micro_batches_keep_order():
@@ -105,7 +106,7 @@ def test_missing_model_path_is_a_config_error(grpo_config):
 
 
 def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     grpo_config.grpo.loss_type = "grpo_clip"
     grpo_config.grpo.epochs_per_rollout_batch = 2
     summary = train.run(grpo_config)
@@ -127,7 +128,7 @@ def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
 
 def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monkeypatch):
     """Old log-probs come from one forward before any update; epochs reuse them."""
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     grpo_config.grpo.loss_type = "grpo_clip"
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
     prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
@@ -147,7 +148,7 @@ def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monk
 
 
 def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch):
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     grpo_config.grpo.old_log_probs = "engine"
     # One update per rollout batch: the policy still equals the sampler, so every weight is 1
     # (after an update the on-policy weight exp(policy - sampler) moves off 1, as documented).
@@ -160,7 +161,7 @@ def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch
 
 
 def test_filters_mask_zero_std_groups_and_truncated(grpo_config, monkeypatch):
-    monkeypatch.setattr(common, "score", lambda r, a, reward, n: [
+    monkeypatch.setattr(evaluation, "score", lambda r, a, reward, n: [
         {"reward": 1.0, "answer_reward": 1.0, "format_reward": 1.0} for _ in r])
     grpo_config.grpo.filter_zero_std_groups = True
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
@@ -172,7 +173,7 @@ def test_filters_mask_zero_std_groups_and_truncated(grpo_config, monkeypatch):
 
 
 def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     grpo_config.grpo.n_grpo_steps = 4
     grpo_config.checkpoint.save_every = 2
     grpo_config.workdir = str(tmp_path / "straight")
@@ -203,12 +204,12 @@ def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_pat
 
 def test_sharded_grpo_matches_single_device(grpo_config, tmp_path, monkeypatch):
     """2 GRPO steps on 8 devices (fsdp 2 x tensor 4) equal a run on one device."""
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     from jaxalign import sharding
 
     results = {}
     for name, (fsdp, tensor, devices) in {"one": (1, 1, 1), "eight": (2, 4, 8)}.items():
-        monkeypatch.setattr(common, "mesh_from_config", lambda cfg, f=fsdp, t=tensor, d=devices:
+        monkeypatch.setattr(sharding, "mesh_from_config", lambda cfg, f=fsdp, t=tensor, d=devices:
                             sharding.make_mesh(1, f, t, devices=jax.devices()[:d]))
         grpo_config.workdir = str(tmp_path / name)
         train.run(grpo_config)
@@ -238,7 +239,7 @@ def test_shrunk_config_is_valid(grpo_config, tmp_path):
 def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monkeypatch):
     """The demo's SFT warm start: logged to warmstart.jsonl, reported in the summary, and not
     repeated when the run resumes (the checkpoint already holds the warm-started policy)."""
-    monkeypatch.setattr(common, "score", fake_score)
+    monkeypatch.setattr(evaluation, "score", fake_score)
     grpo_config.warmstart.sft_steps, grpo_config.warmstart.batch_size = 4, 8
     grpo_config.warmstart.slip_rate = 0.5
     grpo_config.grpo.n_grpo_steps = 1
@@ -267,8 +268,8 @@ def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(grpo_config, t
     from jaxalign.models import save_pretrained
     from jaxalign.rollout.server import LISTENING
 
-    monkeypatch.setattr(common, "score", fake_score)
-    model, tokenizer = common.build_model_and_tokenizer(grpo_config.model)
+    monkeypatch.setattr(evaluation, "score", fake_score)
+    model, tokenizer = build.build_model_and_tokenizer(grpo_config.model)
     save_pretrained(model, tmp_path / "start", tokenizer=tokenizer)
     grpo_config.workdir = str(tmp_path / "in_process")
     train.run(grpo_config)

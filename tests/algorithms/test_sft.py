@@ -14,7 +14,7 @@ from cfg_helpers import REPO_ROOT, load_config, shrink
 
 from jaxalign import train
 from jaxalign.algorithms import sft
-from jaxalign.algorithms.common import ConfigError
+from jaxalign.config import ConfigError
 from jaxalign.logging import read_metrics
 
 
@@ -182,16 +182,16 @@ def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatc
     """A run killed between checkpoints (SIGKILL and preemption run no ``finally``) already
     has its logs up to the last checkpoint in the remote workdir; a rerun on a fresh
     machine copies them down and appends."""
-    from jaxalign.algorithms import common
+    from jaxalign import rundir, storage
 
     bucket = tmp_path / "bucket"  # stands in for gs://: epath copies local paths alike
-    monkeypatch.setattr(common, "is_remote", lambda path: str(path).startswith(str(bucket)))
-    monkeypatch.setenv(common.STAGING_ENV, str(tmp_path / "staging"))
+    monkeypatch.setattr(storage, "is_remote", lambda path: str(path).startswith(str(bucket)))
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
     cfg = _sft_config(tmp_path)
     cfg.workdir = str(bucket / "run")
     cfg.train.steps, cfg.checkpoint.save_every = 4, 2
     seen = {}
-    real_save = common.RunState.save
+    real_save = rundir.RunState.save
 
     def save_and_look(self, step, *args, **kwargs):
         real_save(self, step, *args, **kwargs)
@@ -201,10 +201,10 @@ def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatc
         seen[step] = [r["step"] for r in read_metrics(remote) if "train/loss" in r]
         assert not (bucket / "run" / "hf").exists()  # the export goes up at the end only
 
-    monkeypatch.setattr(common.RunState, "save", save_and_look)
+    monkeypatch.setattr(rundir.RunState, "save", save_and_look)
     train.run(cfg)
     assert seen[2] == [1, 2] and seen[4] == [1, 2, 3, 4]
-    staged = common.staging_dir(cfg.workdir)
+    staged = storage.staging_dir(cfg.workdir)
     remote_log = (bucket / "run" / "metrics.jsonl").read_bytes()
     assert (staged / "metrics.jsonl").read_bytes() == remote_log
 

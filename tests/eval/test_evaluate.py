@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO_ROOT
 from flax import nnx
 
+from jaxalign.config import base_config
 from jaxalign.evaluation import wilson_interval
 
 # Small enough to compile and run in seconds: 8 new tokens, 3 problems.
@@ -119,8 +120,8 @@ def test_resumed_run_samples_like_an_uninterrupted_one(ev, tiny_dir, tmp_path, d
 
 def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, shared_data,
                                                      data):
-    """``common.validate`` (the training loops' eval) and the eval report agree."""
-    from jaxalign.algorithms import common
+    """``evaluation.validate`` (the training loops' eval) and the eval report agree."""
+    from jaxalign import evaluation
     from jaxalign.data.datasets import load_benchmark
     from jaxalign.models import from_pretrained, load_tokenizer
     from jaxalign.rollout import JaxEngine, SamplingParams
@@ -129,7 +130,7 @@ def test_training_validation_reports_the_same_numbers(ev, tiny_dir, tmp_path, sh
     sampling = SamplingParams(temperature=0.0, max_tokens=8, stop=("</answer>",),
                               include_stop_str_in_output=True)
     examples = load_benchmark("gsm8k", shared_data)[:3]
-    metrics, records = common.validate(engine, examples, template="r1_zero", reward="r1_zero",
+    metrics, records = evaluation.validate(engine, examples, template="r1_zero", reward="r1_zero",
                                        sampling=sampling, num_workers=0)
     summary = _run(ev, tmp_path, "--model", str(tiny_dir), "--benchmarks", "gsm8k",
                    "--limit", "3", *FAST, *data)
@@ -197,16 +198,16 @@ def _run_dir(root, params_seed):
     """A training run directory as ``RunState`` writes it: config.json and an orbax
     checkpoint, whose parameters come from a model of seed ``params_seed`` (the config says
     seed 0, so only a real restore gives those weights)."""
-    from jaxalign.algorithms import common
     from jaxalign.checkpoint import Checkpointer
+    from jaxalign.models import build
 
-    cfg = common.base_config("sft", "sft")
+    cfg = base_config("sft", "sft")
     # 2048 positions: r1_zero prompts with AMC questions are ~660 byte tokens
     cfg.model.arch = dict(max_position_embeddings=2048)
     root.mkdir(parents=True)
     (root / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     cfg.model.seed = params_seed
-    model, tokenizer = common.build_model_and_tokenizer(cfg.model)
+    model, tokenizer = build.build_model_and_tokenizer(cfg.model)
     params = nnx.state(model, nnx.Param)
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
     ckpt.save(7, params, optax.adam(1e-3).init(params), {"trainer_step": 7})
