@@ -10,9 +10,10 @@
     # the same with the bare-question prompt and its reward:
     python -m jaxalign.train --config configs/grpo.py:qwen2p5_math_1p5b_question_only ...
 
-Expected result (demo, measured 2026-12-01 on this project's 2-core CPU): held-out answer
-reward 0.309 after the SFT warm start, 0.490 after 80 GRPO steps (n=512, temperature 1),
-6 min 52 s wall. README "The demo" has the curve and how the task is built.
+Expected result (demo, measured 2026-12-02 on this project's 2-core CPU): held-out answer
+reward 0.311 after the SFT warm start, 0.451 after 80 GRPO steps (n=512, temperature 1);
+6 min 52 s wall on a quiet machine (2026-12-01), 15 min with other jobs on the cores.
+README "The demo" has the curve and how the task is built.
 """
 
 from jaxalign.config import base_config, demo_task, qwen2p5_math_1p5b_model, rollout_blocks

@@ -12,6 +12,9 @@
     # a running sidecar (python -m jaxalign.rollout.server), thinking budgets swept
     python eval/evaluate.py --engine sidecar:http://127.0.0.1:8000 --model /models/m \\
         --benchmarks aime24 --budget-forcing max_thinking=512,1024,2048,wait=0 --out evals/bf
+    # any OpenAI-compatible completions server (vllm serve, SGLang), its only served model
+    python eval/evaluate.py --engine openai:http://127.0.0.1:8000 --benchmarks math500 \\
+        --out evals/served
     # score saved generations, no model (rows: benchmark, index or id, response)
     python eval/evaluate.py --responses evals/base/samples/gsm8k.jsonl --out evals/rescored
 
@@ -67,7 +70,7 @@ from jaxalign.data.prompts import TEMPLATE_NAMES
 from jaxalign.verify import DEFAULT_TIMEOUT, extract_boxed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("jax", "vllm", "sidecar:URL[,URL...]")
+ENGINES = ("jax", "vllm", "sidecar:URL[,URL...]", "openai:URL")
 PROMPTS = (*TEMPLATE_NAMES, evaluation.CHAT)
 # How samples are seeded, recorded in run.json: an --out holding samples seeded another way
 # (by batch, before issue #19) is not resumed, since the two kinds would mix in one file.
@@ -147,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
                     help="problems generated, scored and saved together (the most a kill "
                     "can lose)")
     ap.add_argument("--engine-batch", type=int, default=d.engine_batch,
-                    help="jax engine: rows per micro-batch")
+                    help="jax engine: rows per micro-batch; openai: requests in flight")
     ap.add_argument("--dtype", default=d.dtype, help="compute dtype: float32 | bfloat16")
     ap.add_argument("--num-workers", type=int, default=d.num_workers,
                     help="verifier processes (0: grade in this process)")
@@ -219,15 +222,19 @@ def resolve_prompt(prompt: str) -> str:
 
 
 def parse_engine(spec: str) -> tuple[str, list[str]]:
-    """``"jax"``, ``"vllm"`` or ``"sidecar:URL[,URL]"`` -> (kind, urls)."""
+    """``"jax"``, ``"vllm"``, ``"sidecar:URL[,URL]"`` or ``"openai:URL"`` -> (kind, urls)."""
     if spec in ("jax", "vllm"):
         return spec, []
     if spec.startswith("sidecar:"):
         urls = [u.strip() for u in spec[len("sidecar:"):].split(",") if u.strip()]
         if urls:
             return "sidecar", urls
+    if spec.startswith("openai:"):
+        url = spec[len("openai:"):].strip()
+        if url.startswith(("http://", "https://")) and "," not in url:
+            return "openai", [url]
     raise EvalError(f"--engine {spec!r}; choose one of {', '.join(ENGINES)} "
-                    "(e.g. sidecar:http://127.0.0.1:8000)")
+                    "(e.g. sidecar:http://127.0.0.1:8000 or openai:http://127.0.0.1:8000)")
 
 
 def parse_fields(spec: str | None) -> FieldMap:
@@ -432,9 +439,15 @@ def build_engine(cfg: EvalConfig, source: ModelSource | None, out: Path):
             engine = VllmEngine(model_dir, VllmOptions(seed=cfg.seed))
         except ImportError as e:
             raise EvalError(f"--engine vllm needs vLLM, which does not import here ({e}); "
-                            "install it on the GPU host (pip install 'jaxalign[gpu]') or use "
+                            "run this script in the vLLM environment (launch/vllm_env.sh), "
+                            "or serve the model with vLLM and use --engine openai:URL, or use "
                             "--engine jax") from None
         return engine, engine.tokenizer
+    if kind == "openai":
+        try:
+            return OpenAIEngine(urls[0], model=cfg.model, concurrency=cfg.engine_batch), None
+        except OpenAIError as e:
+            raise EvalError(f"--engine {cfg.engine}: {e}") from None
     from jaxalign.rollout import SidecarEngine, SidecarError
 
     try:
@@ -456,6 +469,119 @@ def build_engine(cfg: EvalConfig, source: ModelSource | None, out: Path):
         return engine, load_tokenizer(model_dir)
     except CheckpointError as e:
         raise EvalError(f"--model {model_dir}: {e}") from None
+
+
+# --- an OpenAI-compatible completions server ------------------------------------------------
+
+
+class OpenAIError(RuntimeError):
+    """An OpenAI-compatible server refused a request or could not be reached."""
+
+
+class OpenAIEngine:
+    """Generates with any OpenAI-compatible ``POST /v1/completions`` server.
+
+    A stock ``vllm serve``, SGLang, or anything else speaking the completions API: one
+    request per prompt (``model``, ``prompt``, ``max_tokens``, ``temperature``, ``top_p``,
+    ``n``, ``stop``, ``seed``, ``logprobs: 1``), up to ``concurrency`` in flight (the
+    server batches them). Prompt ``i`` is seeded like ``VllmEngine`` seeds it:
+    ``seeds[i]`` when given (``generate_seeded``), else ``prompt_seed(params.seed, i)``.
+
+    What the API does not carry: token ids (``token_ids`` holds -1 per token, counted from
+    the returned log-probs' tokens, else the usage count when ``n == 1``; so lengths and
+    truncation are right, ids are not) and the stop string, which servers cut from the
+    text: it is put back when ``include_stop_str_in_output`` and the server names it
+    (``stop_reason``: vLLM; ``matched_stop``: SGLang). A server that names none cannot
+    tell EOS from a stop string, so nothing is appended (a warning says so, once).
+
+    Args:
+        url: the server, ``http://HOST:PORT`` (a trailing ``/v1`` is accepted).
+        model: the served model's name (default: the first of ``GET /v1/models``).
+        concurrency: requests in flight.
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url: str, *, model: str | None = None, concurrency: int = 16,
+                 timeout: float = 600.0):
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.concurrency = max(1, concurrency)
+        self.timeout = timeout
+        self.weights_version = 0
+        self._warned = False
+        self.model = model or self._served_model()
+
+    def _http(self, method: str, path: str, payload: dict | None = None) -> dict:
+        import urllib.error
+        import urllib.request
+
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if os.environ.get("OPENAI_API_KEY"):
+            req.add_header("Authorization", f"Bearer {os.environ['OPENAI_API_KEY']}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            body = e.read()[:500].decode(errors="replace")
+            raise OpenAIError(f"{method} {self.base}{path}: HTTP {e.code}: {body}") from None
+        except (OSError, ValueError) as e:  # refused, timed out, not JSON
+            raise OpenAIError(f"{method} {self.base}{path}: {type(e).__name__}: {e}") from None
+
+    def _served_model(self) -> str:
+        models = self._http("GET", "/v1/models").get("data") or []
+        if not models:
+            raise OpenAIError(f"{self.base}/v1/models lists no model; pass --model NAME")
+        return models[0]["id"]
+
+    def generate(self, prompts, params, *, seeds=None):
+        """``params.n`` completions per prompt (texts); ``seeds``: one per prompt."""
+        import concurrent.futures
+
+        from jaxalign.rollout.vllm_engine import prompt_seed
+
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("--engine openai takes text prompts")
+        if seeds is None:
+            seeds = [prompt_seed(params.seed, i) for i in range(len(prompts))]
+        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda ps: self._one(ps[0], params, int(ps[1])),
+                                 zip(prompts, seeds, strict=True)))
+
+    def _one(self, prompt: str, params, seed: int) -> list:
+        from jaxalign.rollout import Completion
+
+        answer = self._http("POST", "/v1/completions", {
+            "model": self.model, "prompt": prompt, "max_tokens": params.max_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "n": params.n,
+            "stop": list(params.stop) or None, "seed": seed, "logprobs": 1,
+        })
+        choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != params.n:
+            raise OpenAIError(f"{self.base}: {len(choices)} choices for n={params.n}")
+        usage = (answer.get("usage") or {}).get("completion_tokens")
+        out = []
+        for choice in choices:
+            text, finish = choice.get("text") or "", choice.get("finish_reason")
+            stop = choice.get("stop_reason", choice.get("matched_stop"))
+            named = "stop_reason" in choice or "matched_stop" in choice
+            if finish == "stop" and params.include_stop_str_in_output and params.stop:
+                if isinstance(stop, str):
+                    text += stop
+                elif not named and not self._warned:
+                    self._warned = True
+                    print(f"warning: {self.base} does not say which stop string ended a "
+                          "completion; responses are scored without it", file=sys.stderr)
+            tokens = (choice.get("logprobs") or {}).get("tokens")
+            count = len(tokens) if tokens is not None else (usage if params.n == 1 else 0)
+            out.append(Completion(
+                text=text, token_ids=[-1] * int(count or 0), logprobs=None,
+                finish_reason="length" if finish == "length" else "stop",
+                stop_reason=stop if isinstance(stop, str | int) else None,
+            ))
+        return out
 
 
 # --- saved responses -----------------------------------------------------------------------
@@ -555,7 +681,7 @@ def _engine_errors() -> tuple[type[Exception], ...]:
     """Errors of an engine that are the environment's, not a bug: reported in one line."""
     from jaxalign.rollout import SidecarError
 
-    return (SidecarError,)
+    return (SidecarError, OpenAIError)
 
 
 def _progress(cfg: EvalConfig, name: str, total: int, initial: int):
@@ -618,10 +744,15 @@ def plan(cfg: EvalConfig) -> Plan:
     else:
         engine, _ = parse_engine(cfg.engine)
         specs = cfg.benchmarks or list(BENCHMARKS)
-        if cfg.model is None and engine != "sidecar":
+        if cfg.model is None and engine not in ("sidecar", "openai"):
             raise EvalError(f"--engine {cfg.engine} needs --model (a HF directory or a run "
                             "directory), or pass --responses FILE to score saved generations")
-        if cfg.model is not None:
+        if engine == "openai":
+            # The server holds the weights and tokenizer; --model is only the served name.
+            if budgets != [None] or template == evaluation.CHAT:
+                raise EvalError(f"--engine {cfg.engine}: --budget-forcing and --prompt chat "
+                                "need the model's tokenizer; use --engine sidecar or jax")
+        elif cfg.model is not None:
             source = resolve_model(cfg.model)
     from jaxalign.rollout import SamplingParams
 
@@ -641,6 +772,8 @@ def plan(cfg: EvalConfig) -> Plan:
         settings = {"mode": "responses", "responses": os.path.abspath(cfg.responses)}
     else:
         model = source.describe() if source else f"(served by {cfg.engine})"
+        if engine == "openai" and cfg.model:
+            model = f"{cfg.model} (served by {cfg.engine})"
         settings = {"mode": "generate", "model": model, "n": cfg.n,
                     "temperature": cfg.temperature, "top_p": cfg.top_p,
                     "max_tokens": cfg.max_tokens, "seed": cfg.seed, "seeding": SEEDING}

@@ -261,11 +261,11 @@ def generate_seeded(
     replace(sampling, seed=seeds[i]))`` gives: its samples depend on its seed and sample
     number alone, not on the other prompts of the call or their order.
 
-    An engine whose ``generate`` takes ``seeds=`` (one per prompt, with that contract) gets
-    one batched call. Engines without it seed a whole call with one number: ``JaxEngine``
-    tells rows apart by position, ``VllmEngine`` hands the one seed to every request of
-    the call. So each prompt is generated in a call of its own: the samples are right, but
-    prompts are not batched together (a warning says so, once per engine type). Budget
+    An engine whose ``generate`` takes ``seeds=`` (one per prompt, with that contract:
+    ``JaxEngine``, ``VllmEngine``) gets one batched call. Engines without it (the sidecar
+    client) seed a whole call with one number, so each prompt is generated in a call of its
+    own: the samples are right, but prompts are not batched together (a warning says so,
+    once per engine type). Budget
     forcing is a loop of calls per prompt, so it always runs prompt by prompt.
 
     Args:

@@ -3,7 +3,8 @@
 #
 #   launch/sidecar.sh --backend vllm|jax --model DIR [--gpus 0,1,2,3] [--hosts h1,h2]
 #       [--port 8000] [--bind ADDR] [--log-dir DIR] [--timeout 900] [--python PY]
-#       [--remote-dir DIR] [--dry-run] [-- extra server flags, e.g. --max-batch 256]
+#       [--vllm-env DIR [--vllm-version V]] [--remote-dir DIR] [--dry-run]
+#       [-- extra server flags, e.g. --max-batch 256]
 #
 # One `python -m jaxalign.rollout.server --backend B --model DIR --host ADDR --port P` per
 # entry of --gpus (CUDA_VISIBLE_DEVICES=entry; "0+1" gives one sidecar two GPUs, for
@@ -20,12 +21,17 @@
 #       --config.engine.urls="$URLS"
 # A bearer token, if any, comes from JAXALIGN_SIDECAR_TOKEN (servers and health checks read
 # it; with --hosts it is forwarded on the ssh command line). --dry-run prints the commands.
+# vLLM lives in an environment of its own, never the trainer's: --vllm-env DIR creates it
+# (or reuses it) with launch/vllm_env.sh (vllm==V, default its DEFAULT_VLLM), here or on
+# every --hosts host, and runs the servers with DIR/bin/python. A sidecar whose in-place
+# reload failed exits with status 3; restart it with the same command (or let the trainer's
+# SidecarEngine(restart_command=...) do it).
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 BACKEND="" MODEL="" GPUS=0 HOSTS="" PORT=8000 BIND="" LOG_DIR="" TIMEOUT=900 PYTHON=python
-DRY_RUN=0 REMOTE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0 REMOTE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" VLLM_ENV="" VLLM_VERSION=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --backend) BACKEND="$2"; shift 2 ;;
@@ -37,6 +43,8 @@ while [[ $# -gt 0 ]]; do
     --log-dir) LOG_DIR="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --python) PYTHON="$2"; shift 2 ;;
+    --vllm-env) VLLM_ENV="$2"; shift 2 ;;
+    --vllm-version) VLLM_VERSION="$2"; shift 2 ;;
     --remote-dir) REMOTE_DIR="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
@@ -49,6 +57,9 @@ if [[ "$BACKEND" != vllm && "$BACKEND" != jax ]]; then
   echo "sidecar.sh: --backend must be vllm or jax" >&2; usage
 fi
 [[ -z "$MODEL" ]] && { echo "sidecar.sh: --model DIR is required" >&2; usage; }
+if [[ -n "$VLLM_ENV" && "$BACKEND" != vllm ]]; then
+  echo "sidecar.sh: --vllm-env is for --backend vllm" >&2; exit 2
+fi
 if [[ -n "$HOSTS" && "$PORT" == 0 ]]; then
   echo "sidecar.sh: --port 0 works on this machine only; give --hosts a fixed --port" >&2
   exit 2
@@ -82,6 +93,24 @@ except Exception:
 
 IFS=, read -r -a GPU_LIST <<<"$GPUS"
 IFS=, read -r -a HOST_LIST <<<"${HOSTS:-localhost}"
+if [[ -n "$VLLM_ENV" ]]; then  # vLLM's own environment: create or reuse, then use it
+  env_cmd="launch/vllm_env.sh --env $(quote "$VLLM_ENV")"
+  [[ -n "$VLLM_VERSION" ]] && env_cmd+=" --vllm $(quote "$VLLM_VERSION")"
+  for host in "${HOST_LIST[@]}"; do
+    if [[ -n "$HOSTS" ]]; then
+      line="cd $(quote "$REMOTE_DIR") && $env_cmd >&2"
+      if [[ $DRY_RUN == 1 ]]; then echo "ssh $(quote "$host") $(quote "$line")"
+      else ssh "$host" "$line" || { echo "sidecar.sh: no vLLM environment on $host" >&2; exit 1; }
+      fi
+    elif [[ $DRY_RUN == 1 ]]; then
+      echo "cd $(quote "$REMOTE_DIR") && $env_cmd"
+    else
+      (cd "$REMOTE_DIR" && eval "$env_cmd" >&2) \
+        || { echo "sidecar.sh: no vLLM environment" >&2; exit 1; }
+    fi
+  done
+  PYTHON="$VLLM_ENV/bin/python"
+fi
 URLS=() LOGS=() PIDS=()
 [[ $DRY_RUN == 0 ]] && mkdir -p "$LOG_DIR" && : >"$LOG_DIR/sidecars.pids"
 k=0

@@ -24,6 +24,12 @@ its ``--model`` directory) and retries the request once more; otherwise it raise
 one: results are only taken from complete responses, so nothing is dropped or duplicated.
 Sidecars the client restarted are its children: ``close()`` (or the trainer's exit) stops
 them.
+A sidecar whose in-place reload failed or timed out (vLLM) answers ``"fatal": true`` and
+exits: its weights are unknown and the reload is never retried in place. With
+``restart_command`` the client waits for it to go, restarts it (re-sending the last good
+weights) and sends the request once more, unless the failure was the request's fault
+(a 4xx, such as a checkpoint the workers refused: then it raises after the restart);
+without, it raises ``SidecarError`` saying the sidecar must be restarted.
 HTTP errors (400, 401, 413, ...) are not retried; their message is in the exception.
 """
 
@@ -70,6 +76,14 @@ class WeightsVersionError(SidecarError):
 
 class _TransportError(Exception):
     """No complete HTTP answer: refused, reset, closed mid-response, or timed out."""
+
+
+class _SidecarDied(SidecarError):
+    """The sidecar answered ``"fatal": true``: it is dead and exits, to be restarted."""
+
+    def __init__(self, message: str, *, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -232,6 +246,8 @@ class SidecarEngine:
                 errors.append(str(e))
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2**attempt)
+            except _SidecarDied as e:
+                return self._after_death(index, method, path, payload, timeout, e)
         what = f"sidecar {url} is unreachable: {method} {path} failed {len(errors)} time(s)"
         if self.restart_command is None:
             raise SidecarError(
@@ -244,10 +260,44 @@ class SidecarEngine:
         except _TransportError as e:
             raise SidecarError(f"{what}, and again after a restart ({e})") from None
 
+    def _after_death(self, index, method, path, payload, timeout, died: _SidecarDied) -> dict:
+        """A sidecar died (a failed in-place reload): restart it, then maybe resend once."""
+        url = self.urls[index]
+        if self.restart_command is None:
+            raise SidecarError(
+                f"{died}; the sidecar is exiting: restart it, or pass restart_command= to "
+                "let the client restart it"
+            ) from None
+        self._wait_gone(url)
+        self._restart(index, reason=str(died))
+        if died.status < 500:  # the request's fault (e.g. a refused checkpoint): not resent
+            raise SidecarError(f"{died} (restarted the sidecar with the previous weights)")
+        try:
+            return self._checked(url, path, *self._request(url, method, path, payload, timeout))
+        except _TransportError as e:
+            raise SidecarError(f"{died}; restarted it, but {method} {path} failed ({e})") from None
+
+    def _wait_gone(self, url: str) -> None:
+        """Waits until a dying sidecar stops answering (it exits after its last 503)."""
+        deadline = time.monotonic() + self.restart_timeout
+        while True:
+            try:
+                self._request(url, "GET", "/health", timeout=5)
+            except _TransportError:
+                return
+            if time.monotonic() >= deadline:
+                raise SidecarError(
+                    f"sidecar {url} reported itself dead but still answers after "
+                    f"{self.restart_timeout:.0f} s; stop it by hand"
+                )
+            time.sleep(0.2)
+
     def _checked(self, url: str, path: str, status: int, answer: dict) -> dict:
         if status == 200:
             return answer
         message = answer.get("error", answer)
+        if answer.get("fatal") is True:
+            raise _SidecarDied(f"sidecar {url}{path}: HTTP {status}: {message}", status=status)
         if status == 409:
             raise WeightsVersionError(
                 f"sidecar {url}: {message}",

@@ -32,16 +32,24 @@ environment variable, which keeps it out of ``ps``):
     what may be read. The server verifies ``checksum`` (see ``checkpoint_checksum``) before
     loading, refusing a mismatch (400), and gives up after ``deadline_s`` (504). The JAX
     backend swaps the new state in atomically, so a failed or late reload keeps the old
-    weights; vLLM loads in place, so after a failure the weights are unknown and
-    ``/generate`` answers 503 until a reload succeeds.
+    weights. vLLM loads in place, so a reload that failed (400 / 500) or timed out (504) is
+    fatal for the process: the weights are a mix of two policies, and a timed-out vLLM call
+    cannot be cancelled (with one GPU it holds the engine, with several its late reply stays
+    queued). The answer then carries ``"fatal": true``, every later request (``/health``
+    included) answers 503 with it, and the process exits ``FATAL_EXIT_CODE`` a moment later,
+    to be restarted from ``--model`` (the client's ``restart_command``, or the launcher);
+    a reload is never retried in place. An engine that reports itself dead while generating
+    (``VllmEngineDead``) is fatal the same way.
 
 Errors are ``{"error": message}``: 400 malformed (bad JSON, unknown or mistyped fields,
 ``SamplingParams`` validation), 401 missing or wrong token, 403 a checkpoint outside the
 weights roots, 411 no Content-Length, 413 too large (a body over ``--max-request-bytes`` is
 refused from its Content-Length, before it is read; more rows than ``--max-batch``; a
 prompt plus ``max_tokens`` over ``--max-seq-len``), 404 / 405 unknown endpoint or method,
-500 engine failure, 503 weights unknown, 504 reload deadline passed. The engine runs one
-request at a time (a lock); others wait and ``/health`` reports ``busy``.
+500 engine failure, 503 weights unknown (the sidecar is dead and exiting), 504 reload
+deadline passed. vLLM's own refusals (``ValueError`` on 0.10/0.11, ``VLLMValidationError``,
+not a ValueError, on 0.33+) are 400s like ours (``vllm_engine.VllmRequestError``). The
+engine runs one request at a time (a lock); others wait and ``/health`` reports ``busy``.
 
 Wire-format helpers (``params_to_json``, ``completion_from_json``, ``checkpoint_checksum``)
 live here and are shared with ``jaxalign.rollout.client``.
@@ -76,6 +84,10 @@ TOKEN_ENV = "JAXALIGN_SIDECAR_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_UPDATE_DEADLINE_S = 600.0
+# Exit status of a sidecar that died of a failed in-place reload (or a dead engine), and how
+# long it keeps answering 503 before it exits (so the failed request gets its answer).
+FATAL_EXIT_CODE = 3
+FATAL_GRACE_S = 1.0
 # Bytes of a refused body read and thrown away before closing: closing a socket with unread
 # data makes the kernel send RST, which can destroy the error response before the client
 # reads it. Bounded, so a huge Content-Length never costs more than this.
@@ -282,6 +294,9 @@ class _Backend:
 
     engine: Any
     tokenizer: Any
+    # Engine errors after which the process cannot serve (the sidecar dies, see the module
+    # docstring); none for the JAX backend.
+    fatal_errors: tuple[type[BaseException], ...] = ()
 
     @property
     def weights_version(self) -> int:
@@ -379,11 +394,12 @@ class VllmBackend(_Backend):
     atomic_reload = False
 
     def __init__(self, model_dir: str, **options: Any):
-        from jaxalign.rollout.vllm_engine import VllmEngine, VllmOptions
+        from jaxalign.rollout.vllm_engine import VllmEngine, VllmEngineDead, VllmOptions
 
         self.engine = VllmEngine(model_dir, VllmOptions(**options))
         self.tokenizer = self.engine.tokenizer
         self.weights_dtype = self.engine.options.dtype
+        self.fatal_errors = (VllmEngineDead,)
 
     def reload(self, path: str, version: int, timeout: float) -> None:
         self.engine.update_weights(path, version, timeout=timeout)
@@ -439,10 +455,33 @@ class Sidecar:
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_ok = True
         self.served = {"generate": 0, "update_weights": 0}
+        # Why this sidecar can no longer serve (None while it can), and what to call once
+        # when it dies (``main`` makes it stop the server and exit FATAL_EXIT_CODE).
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], Any] | None = None
+
+    def _die(self, reason: str) -> None:
+        """Marks the sidecar dead: every request answers 503 until the process exits."""
+        self.weights_ok = False
+        first = self.fatal is None
+        self.fatal = reason
+        print(f"sidecar: fatal: {reason}; exiting to be restarted", file=sys.stderr, flush=True)
+        if first and self.on_fatal is not None:
+            self.on_fatal()
+
+    def _check_alive(self) -> None:
+        if self.fatal is not None:
+            raise RequestError(
+                503,
+                f"this sidecar is dead ({self.fatal}): the weights are in an unknown state and "
+                "it is exiting; restart it (SidecarEngine(restart_command=...) does)",
+                fatal=True,
+            )
 
     def health(self) -> dict:
         return {
-            "status": "ok",
+            "status": "ok" if self.fatal is None else f"dead: {self.fatal}",
+            "fatal": self.fatal is not None,
             "backend": self.backend.name,
             "model": self.model,
             "weights_version": self.backend.weights_version,
@@ -476,6 +515,7 @@ class Sidecar:
         return ids
 
     def generate(self, body: Any) -> dict:
+        self._check_alive()
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         unknown = sorted(set(body) - {"prompts", "sampling", "expected_weights_version"})
@@ -506,11 +546,15 @@ class Sidecar:
                         f"prompts[{i}] has {len(ids)} tokens; with max_tokens="
                         f"{params.max_tokens} that exceeds max_seq_len={self.max_seq_len}",
                     )
+            self._check_alive()  # a reload may have failed while this request waited
             self._check_version(expected)
             try:
                 completions = self.backend.generate(encoded, params) if encoded else []
-            except ValueError as e:  # the engine's own argument checks
+            except ValueError as e:  # the engine's own argument checks (vLLM's included)
                 raise RequestError(400, str(e)) from None
+            except self.backend.fatal_errors as e:
+                self._die(f"the engine failed: {type(e).__name__}: {e}")
+                raise RequestError(503, f"{type(e).__name__}: {e}", fatal=True) from None
             self.served["generate"] += 1
         return {
             "weights_version": self.backend.weights_version,
@@ -569,6 +613,7 @@ class Sidecar:
 
     def update_weights(self, body: Any) -> dict:
         start = time.monotonic()
+        self._check_alive()
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         unknown = sorted(set(body) - {"path", "version", "checksum", "deadline_s"})
@@ -615,18 +660,31 @@ class Sidecar:
         if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RequestError(504, "deadline passed while waiting for the engine to be free")
         try:
+            self._check_alive()  # a reload may have failed while this request waited
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RequestError(504, "deadline passed before the reload could start")
             try:
                 self.backend.reload(path, version, remaining)
-            except TimeoutError as e:
-                self.weights_ok = self.weights_ok and self.backend.atomic_reload
-                raise RequestError(504, f"update_weights deadline exceeded: {e}") from None
             except Exception as e:
-                self.weights_ok = self.weights_ok and self.backend.atomic_reload
-                status = 400 if isinstance(e, ValueError) else 500  # CheckpointError is one
-                raise RequestError(status, f"reload failed: {type(e).__name__}: {e}") from None
+                # 504 late, 400 the checkpoint's fault (CheckpointError and vLLM's
+                # VllmRequestError are ValueErrors), else 500.
+                if isinstance(e, TimeoutError):
+                    status, message = 504, f"update_weights deadline exceeded: {e}"
+                else:
+                    status = 400 if isinstance(e, ValueError) else 500
+                    message = f"reload failed: {type(e).__name__}: {e}"
+                if self.backend.atomic_reload:  # the old weights are intact: keep serving
+                    raise RequestError(status, message) from None
+                # In place: the weights are unknown, and a timed-out call may still run or
+                # answer late. Never retried here: the process restarts from --model.
+                self._die(message)
+                raise RequestError(
+                    status,
+                    f"{message}; the weights are in an unknown state, so this sidecar is "
+                    "exiting to be restarted",
+                    fatal=True,
+                ) from None
             self.weights_ok = True
             self.served["update_weights"] += 1
         finally:
@@ -656,7 +714,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         routes = {
-            "/health": ("GET", lambda body: self.sidecar.health()),
+            "/health": ("GET", lambda body: self._health()),
             "/generate": ("POST", self.sidecar.generate),
             "/update_weights": ("POST", self.sidecar.update_weights),
         }
@@ -675,6 +733,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
         self._send(status, payload)
+
+    def _health(self) -> dict:
+        """``/health``, or 503 (with the same fields) once the sidecar is dead: a launcher
+        or client waiting for a restarted sidecar must not take the dying one for it."""
+        health = self.sidecar.health()
+        if self.sidecar.fatal is not None:
+            raise RequestError(503, f"dead: {self.sidecar.fatal}", **health)
+        return health
 
     def _check_auth(self) -> None:
         if self.token is None:
@@ -803,6 +869,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
     ap.add_argument("--max-model-len", type=int, default=None, help="vllm")
     ap.add_argument("--seed", type=int, default=0, help="vllm engine seed")
+    ap.add_argument(
+        "--vllm-unseeded",
+        action="store_true",
+        help="vllm: send no per-prompt seed (faster sampler, samples not reproducible)",
+    )
     return ap.parse_args(argv)
 
 
@@ -824,6 +895,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             tensor_parallel_size=args.tensor_parallel_size,
             max_model_len=args.max_model_len,
             seed=args.seed,
+            seeded=not args.vllm_unseeded,
         )
         max_positions = args.max_model_len or max_positions
     sidecar = Sidecar(
@@ -848,6 +920,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     # SIGTERM ends serve_forever cleanly (shutdown must run on another thread).
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+
+    def stop_after_grace():  # the failed request and any waiting ones get their 503 first
+        time.sleep(FATAL_GRACE_S)
+        server.shutdown()
+
+    sidecar.on_fatal = lambda: threading.Thread(target=stop_after_grace, daemon=True).start()
     print(f"{LISTENING}{server_url(server)}", flush=True)  # the line launchers wait for
     try:
         server.serve_forever()
@@ -855,7 +933,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         pass
     finally:
         server.server_close()
-        backend.close()
+        if sidecar.fatal is None:
+            backend.close()
+    if sidecar.fatal is not None:
+        # A stuck vLLM call may never return, and closing the engine may wait on it: give
+        # the close a bounded time, then leave without running exit handlers.
+        closer = threading.Thread(target=backend.close, daemon=True)
+        closer.start()
+        closer.join(30.0)
+        sys.stderr.flush()
+        os._exit(FATAL_EXIT_CODE)
 
 
 if __name__ == "__main__":

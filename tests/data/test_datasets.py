@@ -1,10 +1,10 @@
 """Prompt templates, JSONL / Hugging Face loaders, the five benchmarks, GSM8K SFT traces."""
 
-import json
 import logging
 import re
 
 import pytest
+from jsonl_rows import row, write_lines
 
 from jaxalign.data.datasets import (
     BENCHMARKS,
@@ -19,16 +19,6 @@ from jaxalign.data.datasets import (
 )
 from jaxalign.data.prompts import TEMPLATE_NAMES, format_prompt, load_template
 from jaxalign.verify.extract import extract_boxed, parse_r1_zero
-
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def row(**fields):
-    return json.dumps(fields)
-
 
 # --- prompt templates ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import logging
 import re
 
 import pytest
+from jsonl_rows import row, write_lines
 
 from jaxalign.data.datasets import (
     BENCHMARKS,
@@ -21,16 +22,6 @@ from jaxalign.data.datasets import (
     problem_file_fields,
 )
 from jaxalign.data.tokenize import fit_to_context
-
-
-def write_lines(path, lines):
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def row(**fields):
-    return json.dumps(fields)
-
 
 # --- SFT rows: checked, never coerced ----------------------------------------------------
 

@@ -288,7 +288,9 @@ class _FakeInPlaceBackend:
         self.weights_version = version
 
 
-def test_failed_in_place_reload_blocks_generation_until_a_good_one(tmp_path):
+def test_failed_in_place_reload_is_fatal_never_retried_in_place(tmp_path):
+    """vLLM reloads in place: after a failed reload the weights are unknown, so the sidecar
+    refuses generation and further reloads (503, fatal): it is restarted, not retried."""
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     backend = _FakeInPlaceBackend()
     sidecar = Sidecar(
@@ -308,9 +310,10 @@ def test_failed_in_place_reload_blocks_generation_until_a_good_one(tmp_path):
     with pytest.raises(RequestError) as info:
         sidecar.generate({"prompts": ["a"]})
     assert info.value.status == 503 and "unknown state" in info.value.message
-    backend.fail = False
-    assert sidecar.update_weights(update)["weights_version"] == 3
-    assert sidecar.generate({"prompts": ["a"]})["weights_version"] == 3
+    backend.fail = False  # never retried in place: the process restarts from --model
+    with pytest.raises(RequestError) as info:
+        sidecar.update_weights(update)
+    assert info.value.status == 503 and info.value.extra == {"fatal": True}
 
 
 # Every SamplingParams field, with values the engines cannot take: JSON types, NaN and
