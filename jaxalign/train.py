@@ -30,8 +30,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxalign import cli, distributed, storage
-from jaxalign.checkpoint import CheckpointError
+from jaxalign import cli, distributed, rundir, storage
+from jaxalign.checkpoint import CheckpointError, checkpoint_steps
 from jaxalign.config import ConfigError, validate_common
 from jaxalign.data.datasets import DataError
 
@@ -64,9 +64,6 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     attempt left in the workdir (``storage.copy_tree``'s ``keep_larger``), and copies the
     staged files up after every checkpoint save (``storage.sync_up``) and at the end.
     """
-    from jaxalign import rundir
-    from jaxalign.checkpoint import checkpoint_steps
-
     workdir = distributed.broadcast_object(
         cfg.workdir or os.path.join("runs", f"{cfg.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )

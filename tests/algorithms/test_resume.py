@@ -104,8 +104,7 @@ def test_resumed_grpo_logs_every_step_once(grpo_config, tmp_path, monkeypatch):
     assert _steps(run_dir / "metrics.jsonl", "eval/answer_reward") == [0, 1, 2, 3, 4]
     generation_steps = [r["step"] for r in read_metrics(run_dir / "generations.jsonl")]
     assert generation_steps == sorted(generation_steps)
-    assert generation_steps.count(3) == grpo_config.log.num_generations or (
-        generation_steps.count(3) == generation_steps.count(1))
+    assert generation_steps.count(3) == generation_steps.count(1) > 0  # step 3 once
 
 
 def test_a_warm_start_killed_half_way_resumes_from_its_checkpoint(grpo_config, tmp_path,

@@ -289,6 +289,14 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _kill(*procs: subprocess.Popen) -> None:
+    """Ends the sidecar processes a test started that are still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _start(cmd, env) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -338,10 +346,7 @@ def test_client_restarts_a_sidecar_whose_reload_timed_out(tmp_path):
         assert out[0][0].weights_version == 1
     finally:
         engine.close()
-        for p in [proc, *restarts]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill(proc, *restarts)
 
 
 @pytest.mark.slow
@@ -368,10 +373,7 @@ def test_a_refused_checkpoint_restarts_the_sidecar_but_is_not_resent(tmp_path):
         assert engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0][0].weights_version == 0
     finally:
         engine.close()
-        for p in [proc, *restarts]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill(proc, *restarts)
 
 
 @pytest.mark.slow
