@@ -7,8 +7,12 @@
     python -m jaxalign.train --config configs/grpo.py:qwen2p5_math_1p5b \
         --config.model.path=/models/Qwen2.5-Math-1.5B \
         --config.data.train_file=/data/math_train.jsonl
+    # on a TPU slice (dot_product attention, FSDP over every chip): ...:qwen2p5_math_1p5b_tpu
     # the same with the bare-question prompt and its reward:
     python -m jaxalign.train --config configs/grpo.py:qwen2p5_math_1p5b_question_only ...
+    # published loss settings on either base (see dr_grpo() and dapo() below):
+    python -m jaxalign.train --config configs/grpo.py:dr_grpo          # the demo, Dr. GRPO
+    python -m jaxalign.train --config configs/grpo.py:qwen2p5_math_1p5b_dapo ...
 
 Expected result (demo, measured 2026-12-02 on this project's 2-core CPU): held-out answer
 reward 0.311 after the SFT warm start, 0.451 after 80 GRPO steps (n=512, temperature 1);
@@ -16,10 +20,71 @@ reward 0.311 after the SFT warm start, 0.451 after 80 GRPO steps (n=512, tempera
 README "The demo" has the curve and how the task is built.
 """
 
-from jaxalign.config import base_config, demo_task, qwen2p5_math_1p5b_model, rollout_blocks
+from jaxalign.config import (
+    base_config,
+    demo_task,
+    on_tpu,
+    qwen2p5_math_1p5b_model,
+    rollout_blocks,
+)
+
+
+def dr_grpo(c) -> None:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): the unbiased
+    objective. Group advantages are not divided by the group's std, and each sequence's
+    token sum is divided by a constant (``sampling.max_tokens``), not by its own length, so
+    neither question difficulty nor response length re-weights the gradient. PPO-clip
+    surrogate at 0.2; no KL term."""
+    c.grpo.use_std_normalization = False
+    c.grpo.length_normalization = "masked_normalize"
+    c.grpo.normalize_constant = 0  # 0: sampling.max_tokens
+    c.grpo.loss_type = "grpo_clip"
+    c.grpo.cliprange = 0.2
+    c.grpo.beta = 0.0
+
+
+def dapo(c) -> None:
+    """DAPO (Yu et al. 2025): clip-higher (epsilon_low 0.2, epsilon_high 0.28), a token-level
+    loss (every token of the batch weighs the same), no KL term, dynamic sampling and soft
+    overlong punishment (the paper's 4096-token buffer of 20480 is 20%: here 20% of
+    ``sampling.max_tokens``, penalty up to 1).
+
+    Dynamic sampling as published: groups whose rewards are all equal are replaced by
+    groups of further prompts until the step's batch is full of informative groups, up to
+    10 extra rounds (verl's DAPO recipe: ``max_num_gen_batches=10``); if still short, the
+    rest are zero-std groups, masked. ``--config.grpo.max_resample_rounds=0`` gives the
+    cheaper masked form (a step trains on fewer groups, no extra sampling).
+    """
+    c.grpo.loss_type = "grpo_clip"
+    c.grpo.cliprange = 0.0
+    c.grpo.cliprange_low = 0.2
+    c.grpo.cliprange_high = 0.28
+    c.grpo.length_normalization = "token_mean"
+    c.grpo.use_std_normalization = True
+    c.grpo.beta = 0.0
+    c.grpo.filter_zero_std_groups = True
+    c.grpo.max_resample_rounds = 10
+    c.grpo.overlong_penalty = 1.0
+    c.grpo.overlong_buffer = c.sampling.max_tokens // 5
+
+
+# Loss settings a preset name may end with: "dr_grpo" (the demo), "qwen2p5_math_1p5b_dapo".
+VARIANTS = {"dr_grpo": dr_grpo, "dapo": dapo}
+BASES = ("demo", "qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only",
+         "qwen2p5_math_1p5b_tpu")
 
 
 def get_config(preset: str = "demo"):
+    variant = next((v for v in VARIANTS if preset == v or preset.endswith("_" + v)), None)
+    if variant is not None:
+        base = preset[: -len(variant)].rstrip("_") or "demo"
+        if base not in BASES:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(BASES)}, "
+                             f"optionally followed by _{' or _'.join(VARIANTS)}")
+        c = get_config(base)
+        VARIANTS[variant](c)
+        c.name = f"grpo-{variant}"
+        return c
     c = base_config("grpo", "grpo")
     rollout_blocks(c)
 
@@ -43,6 +108,9 @@ def get_config(preset: str = "demo"):
         tis_cap=2.0,
         beta=0.0,  # KL(policy || starting policy), k3 estimator
         filter_zero_std_groups=False,
+        # with filter_zero_std_groups: >0 samples up to this many more prompt batches per
+        # step to replace zero-std groups (DAPO's published dynamic sampling); 0 masks them
+        max_resample_rounds=0,
         mask_truncated=False,
         overlong_penalty=0.0,  # DAPO soft penalty at max_tokens (0: off)
         overlong_buffer=0,
@@ -62,7 +130,8 @@ def get_config(preset: str = "demo"):
         c.optim.lr = 1e-4  # 2e-4 and above make the tiny policy noisier, 5e-5 learns slower
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
-    elif preset in ("qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only"):
+    elif preset in ("qwen2p5_math_1p5b", "qwen2p5_math_1p5b_question_only",
+                    "qwen2p5_math_1p5b_tpu"):
         # CS336 assignment 5 starter settings.
         qwen2p5_math_1p5b_model(c)
         c.data.source = "math"
@@ -88,11 +157,15 @@ def get_config(preset: str = "demo"):
         c.eval.every = 5
         c.eval.num_workers = 8
         c.checkpoint.save_every = 20
+        if preset.endswith("_tpu"):  # the same recipe on a TPU slice (launch/tpu_pod.sh)
+            on_tpu(c)
+            # micro-batches of 32 rows: whole rows for each chip of slices up to 32 chips
+            c.optim.grad_accum_steps = 8
         if preset.endswith("question_only"):
             c.data.template = "question_only"
             c.data.reward = "question_only"
             c.sampling.stop = ()
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose demo, qwen2p5_math_1p5b or "
-                         "qwen2p5_math_1p5b_question_only")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(BASES)}, "
+                         f"optionally followed by _{' or _'.join(VARIANTS)}")
     return c

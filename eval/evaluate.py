@@ -4,14 +4,19 @@
     python eval/evaluate.py --model /models/Qwen2.5-Math-1.5B --engine jax --out evals/base
     # CS336's zero-shot MATH baseline on a GPU: vLLM, r1_zero, temperature 1, 1024 tokens
     python eval/evaluate.py --model /models/Qwen2.5-Math-1.5B --engine vllm \\
-        --benchmarks math500 --prompt r1_zero --temperature 1.0 --top_p 1.0 \\
-        --max_tokens 1024 --out evals/math500-r1zero
+        --benchmarks math500 --prompt r1_zero --temperature 1.0 --top-p 1.0 \\
+        --max-tokens 1024 --out evals/math500-r1zero
     # a training run directory (its hf/ export, else the latest orbax checkpoint), 4 samples
     python eval/evaluate.py --model runs/grpo-20250101-120000 --benchmarks gsm8k,amc23 \\
         --n 4 --temperature 1.0 --limit 64 --out evals/grpo
     # a running sidecar (python -m jaxalign.rollout.server), thinking budgets swept
     python eval/evaluate.py --engine sidecar:http://127.0.0.1:8000 --model /models/m \\
         --benchmarks aime24 --budget-forcing max_thinking=512,1024,2048,wait=0 --out evals/bf
+    # an s1-trained model (configs/sft.py:s1) with s1's delimiters: thinking capped at 8192
+    # tokens, ended by "<|im_start|>answer", forced with "\\n<|im_start|>answer\\nAnswer:", or
+    # extended once with "Wait"; graded by the s1 reward (the answer after <|im_start|>answer)
+    python eval/evaluate.py --model runs/s1-20250101-120000 --prompt s1 --benchmarks aime24 \\
+        --budget-forcing max_thinking=8192,wait=0,1 --max-tokens 1024 --out evals/s1
     # any OpenAI-compatible completions server (vllm serve, SGLang), its only served model
     python eval/evaluate.py --engine openai:http://127.0.0.1:8000 --benchmarks math500 \\
         --out evals/served
@@ -51,32 +56,37 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxalign import evaluation
+from jaxalign.data import prompts
 from jaxalign.data.datasets import (
     BENCHMARKS,
     DataError,
     FieldMap,
-    gsm8k_final_answer,
     load_benchmark,
     load_hf_dataset,
     load_jsonl,
+    parse_field_map,
 )
 from jaxalign.data.prompts import TEMPLATE_NAMES
-from jaxalign.verify import DEFAULT_TIMEOUT, extract_boxed
+from jaxalign.verify import DEFAULT_TIMEOUT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("jax", "vllm", "sidecar:URL[,URL...]", "openai:URL")
-PROMPTS = (*TEMPLATE_NAMES, evaluation.CHAT)
+PROMPTS = (*TEMPLATE_NAMES, evaluation.CHAT, prompts.S1)
+# --prompt s1: the chat template, no system message, the assistant turn opened with
+# <|im_start|>think\n; the turn ends at <|im_end|>. Budget forcing with s1's delimiters:
+# thinking ends at <|im_start|>answer, a forced end appends "\n<|im_start|>answer\nAnswer:",
+# a wait appends "Wait" (Muennighoff et al. 2025). Graded by the s1 reward: the answer
+# after <|im_start|>answer (its \boxed{}, else the text after "Answer:").
 # How samples are seeded, recorded in run.json: an --out holding samples seeded another way
 # (by batch, before issue #19) is not resumed, since the two kinds would mix in one file.
 SEEDING = "per problem: sha256(seed, benchmark, id, question)"
-# ``--fields parse=...``: how a JSONL or HF dataset's answer field becomes the gold answer.
-ANSWER_PARSERS = {"none": None, "gsm8k": gsm8k_final_answer, "boxed": extract_boxed}
 
 
 class EvalError(Exception):
@@ -113,52 +123,117 @@ class EvalConfig:
     plots: bool = True
 
 
-def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
-    """The command line (``sys.argv[1:]`` by default) as an ``EvalConfig``."""
-    ap = argparse.ArgumentParser(
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default in ``--help``, except where there is no value to show: a
+    default of None (the help says what happens then) and on/off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # argparse's wrap breaks at hyphens, splitting a flag named in the help (--max-\nlen).
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+class UnderscoreAliasParser(argparse.ArgumentParser):
+    """Flags are spelled with dashes (``--max-tokens``, as ``--help`` shows them); the
+    underscore spelling of every flag (``--max_tokens 8``, ``--max_tokens=8``) is an alias.
+
+    Aliases are rewritten before parsing rather than registered, so ``--help`` lists each
+    flag once and a flag added later gets its alias without anyone remembering to add it.
+    Only tokens before a bare ``--`` that name a flag (or a prefix of one, which argparse
+    accepts as an abbreviation) are rewritten, so values are left alone and an unknown flag
+    is reported as typed.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._dashed(args), namespace)
+
+    def _dashed(self, args: list[str]) -> list[str]:
+        flags = [s for s in self._option_string_actions if s.startswith("--")]
+        out = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                return out + args[i:]
+            name, eq, value = arg.partition("=")
+            dashed = "--" + name[2:].replace("_", "-")
+            if (name.startswith("--") and dashed != name
+                    and any(f.startswith(dashed) for f in flags)):
+                arg = dashed + eq + value
+            out.append(arg)
+        return out
+
+
+def build_parser() -> UnderscoreAliasParser:
+    """The command line's parser (``parse_args`` turns its result into an ``EvalConfig``)."""
+    ap = UnderscoreAliasParser(
         prog="python eval/evaluate.py",
-        description="Evaluate a model on math benchmarks (see the module docstring).",
+        description="Evaluate a model on math benchmarks (see the module docstring). Every "
+        "flag also takes its underscore spelling (--max_tokens for --max-tokens).",
+        formatter_class=HelpFormatter,
     )
     d = EvalConfig(out="")
-    ap.add_argument("--model", help="HF directory or hub id, or a jaxalign run directory")
-    ap.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)}, a .jsonl "
-                    "file or hf:NAME[:CONFIG] (default: all five; with --responses: its own)")
+    ap.add_argument("--model", metavar="PATH",
+                    help="HF directory or hub id, or a jaxalign run directory")
+    ap.add_argument("--benchmarks", metavar="LIST",
+                    help=f"comma-separated: {', '.join(BENCHMARKS)}, a .jsonl file or "
+                    "hf:NAME[:CONFIG] (default: all five; with --responses: its own)")
     ap.add_argument("--engine", default=d.engine, help=" | ".join(ENGINES))
     ap.add_argument("--prompt", default=d.prompt,
                     help=f"{' | '.join(PROMPTS)}, a template file, or text with {{question}}")
-    ap.add_argument("--reward", choices=sorted(evaluation.REWARDS),
-                    help="default: r1_zero for --prompt r1_zero, else question_only (boxed)")
-    ap.add_argument("--n", type=int, default=d.n, help="samples per problem")
-    ap.add_argument("--temperature", type=float, default=d.temperature)
-    ap.add_argument("--top_p", "--top-p", type=float, default=d.top_p)
-    ap.add_argument("--max_tokens", "--max-tokens", type=int, default=d.max_tokens,
-                    help="new tokens per response (under budget forcing: of the answer phase)")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--budget-forcing", "--budget_forcing", dest="budget_forcing",
+    ap.add_argument("--reward", metavar="SPEC",
+                    help="a reward spec as training's data.reward: "
+                    f"{' | '.join(sorted(evaluation.REWARDS))} | package.module:function | a "
+                    "weighted sum such as 'r1_zero + 0.1*my_rewards:fn' (default: r1_zero for "
+                    "--prompt r1_zero, else question_only, which grades the last \\boxed{})")
+    ap.add_argument("--n", type=int, default=d.n, metavar="N", help="samples per problem")
+    ap.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                    help="sampling temperature; 0 is greedy")
+    ap.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
+                    help="nucleus sampling: the probability mass of tokens kept")
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
+                    help="new tokens per response; under budget forcing, of the answer phase")
+    ap.add_argument("--seed", type=int, default=d.seed, metavar="N",
+                    help="sampling seed; each problem's own seed is derived from it")
+    ap.add_argument("--budget-forcing", metavar="SPEC",
                     help="max_thinking=N[,N...][,wait=W[,W...]]: several values sweep")
-    ap.add_argument("--limit", type=int, help="first K problems of each benchmark")
-    ap.add_argument("--out", required=True, help="output folder (re-use it to resume)")
-    ap.add_argument("--data-dir", help="folder with one subfolder per benchmark "
+    ap.add_argument("--limit", type=int, metavar="K", help="first K problems of each benchmark")
+    ap.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder (re-use it to resume)")
+    ap.add_argument("--data-dir", metavar="DIR", help="folder with one subfolder per benchmark "
                     "(default: ../shared/data)")
-    ap.add_argument("--split", default=d.split)
-    ap.add_argument("--fields", help="for .jsonl / hf: benchmarks: question=F,answer=F"
-                    "[,id=F][,parse=none|gsm8k|boxed]")
-    ap.add_argument("--responses", help="JSONL of saved responses to score instead of "
-                    "generating (fields: benchmark, index or id, response[, sample, length, "
-                    "finish_reason])")
-    ap.add_argument("--batch-size", type=int, default=d.batch_size,
-                    help="problems generated, scored and saved together (the most a kill "
-                    "can lose)")
-    ap.add_argument("--engine-batch", type=int, default=d.engine_batch,
+    ap.add_argument("--split", default=d.split, metavar="NAME",
+                    help="which NAME.jsonl of a benchmark folder, or split of an hf: dataset")
+    ap.add_argument("--fields", metavar="MAP", help="for .jsonl / hf: benchmarks: "
+                    "question=F,answer=F[,id=F][,parse=none|gsm8k|boxed]")
+    ap.add_argument("--responses", metavar="FILE", help="JSONL of saved responses to score "
+                    "instead of generating (fields: benchmark, index or id, response[, sample, "
+                    "length, finish_reason])")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+                    help="problems generated, scored and saved together: the most a kill "
+                    "can lose")
+    ap.add_argument("--engine-batch", type=int, default=d.engine_batch, metavar="N",
                     help="jax engine: rows per micro-batch; openai: requests in flight")
-    ap.add_argument("--dtype", default=d.dtype, help="compute dtype: float32 | bfloat16")
-    ap.add_argument("--num-workers", type=int, default=d.num_workers,
-                    help="verifier processes (0: grade in this process)")
+    ap.add_argument("--dtype", default=d.dtype,
+                    help="compute dtype: float32 | bfloat16 | float16")
+    ap.add_argument("--num-workers", type=int, default=d.num_workers, metavar="N",
+                    help="verifier processes, 0: grade in this process (default: min(8, CPU "
+                    "cores), here %(default)s)")
     ap.add_argument("--grading-timeout", type=float, default=d.grading_timeout,
-                    help="seconds per grading call (a timeout scores 0 and is counted)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--no-plots", dest="plots", action="store_false")
-    a = ap.parse_args(argv)
+                    metavar="SECONDS",
+                    help="per grading call; a timeout scores 0 and is counted")
+    ap.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars")
+    ap.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
+    """The command line (``sys.argv[1:]`` by default) as an ``EvalConfig``."""
+    a = build_parser().parse_args(argv)
     benchmarks = None if a.benchmarks is None else [b.strip() for b in a.benchmarks.split(",")
                                                     if b.strip()]
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
@@ -238,22 +313,12 @@ def parse_engine(spec: str) -> tuple[str, list[str]]:
 
 
 def parse_fields(spec: str | None) -> FieldMap:
-    """``question=problem,answer=answer,id=uid,parse=boxed`` -> ``FieldMap``."""
-    if not spec:
-        return FieldMap()
-    kwargs: dict[str, Any] = {}
-    for item in spec.split(","):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or key not in ("question", "answer", "solution", "id", "parse") or not value:
-            raise EvalError(f"--fields {spec!r}: expected question=F,answer=F[,solution=F]"
-                            "[,id=F][,parse=none|gsm8k|boxed]")
-        if key == "parse":
-            if value not in ANSWER_PARSERS:
-                raise EvalError(f"--fields parse={value!r}; choose {', '.join(ANSWER_PARSERS)}")
-            kwargs["parse_answer"] = ANSWER_PARSERS[value]
-        else:
-            kwargs[key] = value
-    return FieldMap(**kwargs)
+    """``question=problem,answer=answer,id=uid,parse=boxed`` -> ``FieldMap`` (the grammar of
+    training's ``data.fields``: ``datasets.parse_field_map``)."""
+    try:
+        return parse_field_map(spec) or FieldMap()
+    except ValueError as e:
+        raise EvalError(f"--{e}") from None
 
 
 def default_data_dir() -> Path:
@@ -720,7 +785,15 @@ def plan(cfg: EvalConfig) -> Plan:
     """Checks every flag and input that can be checked without a model; loads benchmarks."""
     template = resolve_prompt(cfg.prompt)
     reward = cfg.reward or evaluation.default_reward(template)
+    try:
+        evaluation.resolve_reward(reward)  # a bad spec is one line now, not after loading
+    except ValueError as e:
+        raise EvalError(f"--reward {reward!r}: {e}") from None
     budgets = parse_budgets(cfg.budget_forcing)
+    if template == prompts.S1:
+        from jaxalign.rollout.budget import S1_DELIMITERS
+
+        budgets = [b if b is None else dataclasses.replace(b, **S1_DELIMITERS) for b in budgets]
     parse_fields(cfg.fields)
     if cfg.limit is not None and cfg.limit < 1:
         raise EvalError(f"--limit {cfg.limit} must be >= 1")
@@ -749,14 +822,20 @@ def plan(cfg: EvalConfig) -> Plan:
                             "directory), or pass --responses FILE to score saved generations")
         if engine == "openai":
             # The server holds the weights and tokenizer; --model is only the served name.
-            if budgets != [None] or template == evaluation.CHAT:
-                raise EvalError(f"--engine {cfg.engine}: --budget-forcing and --prompt chat "
-                                "need the model's tokenizer; use --engine sidecar or jax")
+            if budgets != [None] or template in prompts.CHAT_TEMPLATES:
+                raise EvalError(f"--engine {cfg.engine}: --budget-forcing and --prompt "
+                                f"{'/'.join(prompts.CHAT_TEMPLATES)} need the model's tokenizer "
+                                f"(here --prompt {cfg.prompt}); use --engine sidecar or jax")
         elif cfg.model is not None:
             source = resolve_model(cfg.model)
+        if cfg.n > 1 and cfg.temperature == 0:
+            # Allowed (pass@k then equals pass@1), but almost always a forgotten flag.
+            print(f"warning: --n {cfg.n} at --temperature 0 (greedy) draws {cfg.n} identical "
+                  "samples per problem; pass --temperature > 0 to sample, or --n 1",
+                  file=sys.stderr)
     from jaxalign.rollout import SamplingParams
 
-    stop = evaluation.default_stop(template, reward)
+    stop = evaluation.default_stop(template, reward)  # chat and s1: <|im_end|>
     try:
         sampling = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                   max_tokens=cfg.max_tokens, stop=stop,
@@ -765,7 +844,7 @@ def plan(cfg: EvalConfig) -> Plan:
     except ValueError as e:
         message = str(e).replace("invalid SamplingParams", "invalid sampling flags")
         raise EvalError(message) from None
-    if template != evaluation.CHAT:
+    if template not in prompts.CHAT_TEMPLATES:
         evaluation.build_prompt(template, "1+1")  # fails now rather than after loading
 
     if engine == "responses":
@@ -828,11 +907,14 @@ def generate(cfg: EvalConfig, p: Plan, out: Path):
         of problems generated now and skipped.
     """
     engine, tokenizer = build_engine(cfg, p.source, out)
-    if p.template == evaluation.CHAT:
+    template = p.template
+    if p.template in prompts.CHAT_TEMPLATES:
         try:
-            evaluation.build_prompt(p.template, "1+1", tokenizer)
+            evaluation.build_prompt(evaluation.CHAT, "1+1", tokenizer)
+            if p.template == prompts.S1:  # rendered once; each question fills {question}
+                template = prompts.as_template_text(prompts.S1, tokenizer)
         except ValueError as e:
-            raise EvalError(f"--prompt chat: {e}") from None
+            raise EvalError(f"--prompt {p.template}: {e}") from None
     if p.budgets != [None] and tokenizer is None:
         raise EvalError("--budget-forcing needs the model's tokenizer: pass --model (the "
                         "HF directory the sidecar serves)")
@@ -857,7 +939,7 @@ def generate(cfg: EvalConfig, p: Plan, out: Path):
                     continue
                 try:
                     records = evaluation.rollout_and_score(
-                        engine, [examples[i] for i in batch], template=p.template,
+                        engine, [examples[i] for i in batch], template=template,
                         reward=p.reward, sampling=p.sampling, seeds=[seeds[i] for i in batch],
                         num_workers=cfg.num_workers, budget=budget, tokenizer=tokenizer,
                         timeout=cfg.grading_timeout, indices=batch)
@@ -917,7 +999,7 @@ def score_saved(cfg: EvalConfig, p: Plan, out: Path):
 
 def _saved_prompt(rows, index, samples, template, example) -> str | None:
     prompt = rows[(index, samples[0])][1]
-    if prompt is None and template != evaluation.CHAT:
+    if prompt is None and template not in prompts.CHAT_TEMPLATES:
         prompt = evaluation.build_prompt(template, example.question)
     return prompt
 

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxalign.data.prompts import CHAT_SYSTEM
 from jaxalign.data.synthetic import DEMO_TEMPLATE
 
 
@@ -88,7 +89,11 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict()
     c.log.wandb_mode = "offline"  # offline | online | disabled
     c.log.wandb_project = "jaxalign"
-    c.log.num_generations = 8  # validation samples written to generations.jsonl per eval
+    c.log.wandb_entity = ""  # '' : wandb's default entity
+    c.log.wandb_tags = ()  # e.g. ("grpo", "math")
+    c.log.wandb_name = ""  # '' : the run directory's name
+    # validation samples per eval written to generations.jsonl (and a wandb table)
+    c.log.num_generations = 8
     c.log.progress = True  # tqdm bar (process 0)
     return c
 
@@ -122,19 +127,39 @@ def qwen2p5_math_1p5b_model(c: ml_collections.ConfigDict) -> None:
     c.train.loss_chunk_size = 512
 
 
+def on_tpu(c: ml_collections.ConfigDict) -> None:
+    """The changes a GPU preset needs on a TPU slice: XLA's attention (cuDNN is NVIDIA's),
+    the sharding over every chip (fsdp = all devices), rollout widths on the MXU's 128."""
+    c.model.attention_impl = "dot_product"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    if "width_multiple" in c.train:
+        c.train.width_multiple = max(128, c.train.width_multiple // 128 * 128)
+
+
 def rollout_blocks(c: ml_collections.ConfigDict) -> None:
     """The blocks of the rollout-based loops (GRPO, Expert Iteration), each default once:
     ``data`` (training problems and the held-out set), ``sampling``, ``engine``, ``train``,
     ``eval`` and ``warmstart`` (the demo's SFT warm start)."""
     c.data = dict(
-        source="synthetic",  # synthetic | gsm8k | math (MATH500 held out) | a JSONL file
+        source="synthetic",  # synthetic | gsm8k | math (MATH500 held out) | JSONL | hf:NAME
         data_dir="../shared/data",
         # data.source='math': JSONL of training problems, MATH- or GSM8K-shaped: a question
         # (problem | question) and an answer (answer, "#### N" read as N, or the last
         # \boxed{} of solution); the fields used are printed at load
         train_file="",
-        template=DEMO_TEMPLATE,  # a template name (r1_zero, question_only) or text
-        reward="r1_zero",  # r1_zero | question_only
+        # a JSONL source (source or train_file) may also be a Hugging Face dataset:
+        # hf:NAME[:CONFIG], NAME a Hub id or a local folder; its split:
+        split="train",
+        # which fields hold the problem: '' reads the MATH or GSM8K shape off the first row;
+        # else question=F,answer=F[,solution=F][,id=F][,parse=none|gsm8k|boxed]
+        fields="",
+        # r1_zero | question_only | text with {question} | chat (the model tokenizer's chat
+        # template, with system_prompt; '' for none)
+        template=DEMO_TEMPLATE,
+        system_prompt=CHAT_SYSTEM,
+        # a reward spec: r1_zero | question_only | package.module:function | a weighted sum,
+        # e.g. "r1_zero + 0.1*my_rewards:length_penalty" (jaxalign/verify/rewards.py)
+        reward="r1_zero",
         num_train=20000,
         num_eval=256,
         seed=0,
@@ -161,6 +186,10 @@ def rollout_blocks(c: ml_collections.ConfigDict) -> None:
     )
     c.eval = dict(
         every=10,  # loop steps; the last step is always evaluated
+        # more validation sets, each logged as eval/<name>/*: benchmark names, .jsonl files
+        # or hf:NAME[:CONFIG], each optionally :N (its first N), e.g. "gsm8k:64,math500:128"
+        sets="",
+        split="test",  # the split of eval.sets' benchmarks and hf: datasets
         temperature=1.0,  # held-out reward of the policy as it samples
         num_workers=1,  # verifier processes
     )
@@ -193,6 +222,12 @@ def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
               f"config.model.{field}={getattr(m, field)!r}; choose float32, bfloat16 or float16")
     check(m.attention_impl in ("xla", "dot_product", "cudnn"),
           f"config.model.attention_impl={m.attention_impl!r}; choose xla, dot_product or cudnn")
+    platform = jax.default_backend()
+    # cuDNN's fused attention exists only on NVIDIA GPUs; elsewhere XLA fails deep in
+    # compilation with a message that does not name the config field.
+    check(m.attention_impl != "cudnn" or platform in ("gpu", "cuda"),
+          f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, and this process runs on "
+          f"{platform}: set --config.model.attention_impl=dot_product (or xla)")
     check(m.remat in ("none", "full", "save_dots"),
           f"config.model.remat={m.remat!r}; choose none, full or save_dots")
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

@@ -14,6 +14,12 @@ agree when the prompts, sampling and examples are the same.
 
 Pieces:
 
+* rewards: ``reward=`` takes a reward spec string (``"r1_zero"``, ``"question_only"``,
+  ``"my_rewards:fn"``, ``"r1_zero + 0.1*my_rewards:length_penalty"``; grammar and result
+  keys in ``jaxalign.verify.rewards``) or a ``Reward`` already resolved from one
+  (``resolve_reward``, once per run: the training loops pass theirs). A composite or user
+  reward adds each term's value to the records as ``reward/<term>``, and ``reward_metrics``
+  reports their means.
 * records: one dict per sample (``index``, ``sample``, ``prompt``, ``response``,
   ``ground_truth``, ``extracted``, rewards, ``length`` in tokens, ``finish_reason``, ...).
   ``score_responses`` builds them from any text (saved generations included);
@@ -44,32 +50,35 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxalign.data.prompts import format_prompt
+from jaxalign.data import prompts as prompt_templates
+from jaxalign.data.prompts import CHAT, CHAT_SYSTEM, CHAT_TEMPLATES  # noqa: F401 (API)
 from jaxalign.verify import (
     DEFAULT_TIMEOUT,
+    REWARDS,
+    Reward,
     answer_from_r1_zero,
+    answer_from_s1,
     extract_boxed,
     normalize,
-    question_only_reward_fn,
-    r1_zero_reward_fn,
+    parse_reward_spec,
+    resolve_reward,
     score_batch,
 )
 
 logger = logging.getLogger(__name__)
 
-# The reward a prompt format is scored with (a config names one, so a small dict).
-REWARDS = {"r1_zero": r1_zero_reward_fn, "question_only": question_only_reward_fn}
+# ``REWARDS`` (imported above, defined in ``jaxalign.verify.rewards``): the rewards a spec
+# may name by themselves, one per prompt format.
 
 # ``template="chat"``: the tokenizer's chat template with the Qwen2.5-Math CoT system prompt
 # (the prompt of the Qwen2.5-Math evaluation suite); the answer is the last \boxed{}.
-CHAT = "chat"
-CHAT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# ``"s1"``: s1's chat turn, thinking opened (``jaxalign.data.prompts``).
 
 Z_95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...
 
@@ -78,46 +87,47 @@ Z_95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...
 
 
 def default_reward(template: str) -> str:
-    """``"r1_zero"`` for the r1_zero template, else ``"question_only"`` (the last boxed answer)."""
-    return "r1_zero" if template == "r1_zero" else "question_only"
+    """The reward that reads ``template``'s answers: ``"r1_zero"`` and ``"s1"`` for their
+    templates, else ``"question_only"`` (the last boxed answer)."""
+    return template if template in ("r1_zero", "s1") else "question_only"
 
 
-def default_stop(template: str, reward: str) -> tuple[str, ...]:
+def answer_format(reward: str | Reward) -> str:
+    """The registered reward whose answer format ``reward`` reads (``"r1_zero"``,
+    ``"question_only"`` or ``"s1"``): a registered name itself; for a composite spec its first
+    registered term; for user functions alone ``"question_only"`` (the last ``\\boxed{}``,
+    the answer format that needs no template)."""
+    if isinstance(reward, Reward):
+        return reward.base or "question_only"
+    refs = [ref for _, ref in parse_reward_spec(reward) if ref in REWARDS]
+    return refs[0] if refs else "question_only"
+
+
+def default_stop(template: str, reward: str | Reward) -> tuple[str, ...]:
     """Stop strings that end a response: ``</answer>`` when the r1_zero reward scores it
-    (nothing after the answer block counts), ``<|im_end|>`` for the chat template."""
-    return (("</answer>",) if reward == "r1_zero" else ()) + (
-        ("<|im_end|>",) if template == CHAT else ())
+    (nothing after the answer block counts; also when it is a spec's first registered
+    term), ``<|im_end|>`` for the chat template."""
+    return (("</answer>",) if answer_format(reward) == "r1_zero" else ()) + (
+        ("<|im_end|>",) if template in CHAT_TEMPLATES else ())
 
 
-def build_prompt(template: str, question: str, tokenizer=None) -> str:
-    """The prompt text for ``question``.
-
-    Args:
-        template: ``"chat"`` (the tokenizer's chat template, system prompt ``CHAT_SYSTEM``),
-            a shipped template name (``"r1_zero"``, ``"question_only"``) or template text
-            with ``{question}``.
-        question: the problem text.
-        tokenizer: needed for ``"chat"``.
-
-    Raises:
-        ValueError: a template without ``{question}``, or ``"chat"`` without a tokenizer
-            that has a chat template.
-    """
-    if template != CHAT:
-        return format_prompt(template, question)
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the chat prompt needs a tokenizer with a chat template (tokenizer_config.json "
-            "'chat_template' or chat_template.jinja); use --prompt r1_zero or question_only"
-        )
-    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def build_prompt(template: str, question: str, tokenizer=None, *,
+                 system_prompt: str | None = None) -> str:
+    """The prompt text for ``question``: ``jaxalign.data.prompts.build_prompt`` (the one
+    function for it; ``chat`` and ``s1`` need the tokenizer, ``system_prompt`` None: the
+    template's default system message)."""
+    return prompt_templates.build_prompt(template, question, tokenizer,
+                                         system_prompt=system_prompt)
 
 
-def extract_answer(response: str, reward: str) -> str | None:
-    """The answer the verifier grades in ``response`` (None: the format is wrong)."""
-    if reward == "r1_zero":
+def extract_answer(response: str, reward: str | Reward) -> str | None:
+    """The answer the verifier grades in ``response`` (None: the format is wrong), read in
+    ``answer_format(reward)``: a composite or user reward's records (and majority votes)
+    use its first registered term's format, else the last ``\\boxed{}``."""
+    if answer_format(reward) == "r1_zero":
         return answer_from_r1_zero(response)
+    if answer_format(reward) == "s1":
+        return answer_from_s1(response)
     boxed = extract_boxed(response)
     return boxed.strip() if boxed is not None and boxed.strip() else None
 
@@ -154,7 +164,7 @@ def score_responses(
     prompts: Sequence[str | None],
     responses: Sequence[Sequence[Response]],
     *,
-    reward: str,
+    reward: str | Reward,
     num_workers: int,
     timeout: float = DEFAULT_TIMEOUT,
     indices: Sequence[int] | None = None,
@@ -166,7 +176,8 @@ def score_responses(
         prompts: the prompt each example was given (None when unknown).
         responses: per example, its responses (``[E][n_e]``); sample ``j`` of example ``e``
             becomes the record with ``sample=j``.
-        reward: ``"r1_zero"`` or ``"question_only"`` (``REWARDS``).
+        reward: a reward spec (``"r1_zero"``, ``"question_only"``, ``"module:function"``,
+            weighted sums: ``jaxalign.verify.rewards``) or a resolved ``Reward``.
         num_workers: verifier processes (0: score in this process).
         timeout: seconds per grading call; a call past it scores 0 with ``timed_out``.
         indices: each example's index in its benchmark (default ``0..E-1``).
@@ -175,10 +186,13 @@ def score_responses(
         Records in example-major order: ``index``, ``id``, ``sample``, ``source``,
         ``prompt``, ``response``, ``ground_truth``, ``extracted``, ``reward``,
         ``format_reward``, ``answer_reward``, ``timed_out``, ``length``, ``prompt_length``,
-        ``finish_reason`` (and ``error`` when grading raised).
+        ``finish_reason``, ``reward/<term>`` for each term of a composite or user reward,
+        and ``error`` when grading raised.
+
+    Raises:
+        RewardSpecError: (a ``ValueError``) a spec that cannot be resolved.
     """
-    if reward not in REWARDS:
-        raise ValueError(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}")
+    reward = resolve_reward(reward)
     if not len(examples) == len(prompts) == len(responses):
         raise ValueError(f"{len(examples)} examples, {len(prompts)} prompts and "
                          f"{len(responses)} response lists: they must match")
@@ -186,8 +200,8 @@ def score_responses(
     flat = [(e, i, p, j, r)
             for e, i, p, rs in zip(examples, indices, prompts, responses, strict=True)
             for j, r in enumerate(rs)]
-    scores = score_batch([r.text for *_, r in flat], [e.answer for e, *_ in flat],
-                         REWARDS[reward], num_workers=num_workers, timeout=timeout)
+    scores = score_batch([r.text for *_, r in flat], [e.answer for e, *_ in flat], reward,
+                         num_workers=num_workers, timeout=timeout)
     records = []
     for (e, i, p, j, r), s in zip(flat, scores, strict=True):
         record = {
@@ -198,6 +212,8 @@ def score_responses(
             "answer_reward": s["answer_reward"], "timed_out": bool(s.get("timed_out", False)),
             "length": r.length, "prompt_length": r.prompt_length,
             "finish_reason": r.finish_reason,
+            # a worker killed at the deadline scores the whole response 0, terms included
+            **{k: s.get(k, 0.0) for k in reward.components},
         }  # fmt: skip
         if "error" in s:
             record["error"] = s["error"]
@@ -308,7 +324,7 @@ def rollout_and_score(
     examples: Sequence,
     *,
     template: str,
-    reward: str,
+    reward: str | Reward,
     sampling,
     num_workers: int,
     budget=None,
@@ -316,6 +332,7 @@ def rollout_and_score(
     timeout: float = DEFAULT_TIMEOUT,
     indices: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
+    system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
     """Generates ``sampling.n`` responses per example with ``engine`` and scores them.
 
@@ -323,7 +340,7 @@ def rollout_and_score(
         engine: a ``jaxalign.rollout.RolloutEngine`` (JAX, sidecar or vLLM).
         examples: ``MathExample``s.
         template: prompt template (see ``build_prompt``).
-        reward: ``"r1_zero"`` or ``"question_only"``.
+        reward: a reward spec or a resolved ``Reward`` (``score_responses``).
         sampling: ``jaxalign.rollout.SamplingParams``; under budget forcing its
             ``max_tokens`` bounds the answer phase.
         num_workers: verifier processes (0: score in this process).
@@ -339,8 +356,10 @@ def rollout_and_score(
     Returns:
         The records of ``score_responses``, example-major.
     """
+    reward = resolve_reward(reward)  # a bad spec fails before anything is generated
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
-    prompts = [build_prompt(template, e.question, tokenizer) for e in examples]
+    prompts = [build_prompt(template, e.question, tokenizer, system_prompt=system_prompt)
+               for e in examples]
     if seeds is not None and len(seeds) != len(examples):
         raise ValueError(f"{len(seeds)} seeds for {len(examples)} examples: one per example")
     if not prompts:
@@ -479,7 +498,8 @@ def reward_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     Returns:
         Means of ``answer_reward``, ``format_reward`` and ``reward``; ``response_length`` in
         tokens over all responses, ``response_length_correct`` (answer reward > 0) and
-        ``response_length_incorrect``; ``truncated_fraction`` (finish reason ``"length"``).
+        ``response_length_incorrect``; ``truncated_fraction`` (finish reason ``"length"``);
+        and the ``component_means`` of a composite or user reward (``reward/<term>``).
         Unknown lengths and finish reasons (None) are left out of their metrics; an empty
         selection gives NaN.
     """
@@ -494,7 +514,17 @@ def reward_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "response_length_correct": _mean([n for n, ok in lengths if ok]),
         "response_length_incorrect": _mean([n for n, ok in lengths if not ok]),
         "truncated_fraction": _mean([f == "length" for f in known_finish]),
+        **component_means(records),
     }
+
+
+def component_means(scores: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The mean of each ``reward/<term>`` value (the terms of a composite or user reward,
+    ``jaxalign.verify.rewards``) over reward dicts or records, in the spec's order; a
+    dict without a key (its worker was killed at the deadline) counts 0. ``{}`` for a
+    plain registered reward."""
+    keys = dict.fromkeys(k for s in scores for k in s if k.startswith("reward/"))
+    return {k: _mean([float(s.get(k, 0.0)) for s in scores]) for k in keys}
 
 
 def group_by_example(records: Iterable[Mapping[str, Any]]) -> dict[int, list[Mapping]]:
@@ -656,15 +686,29 @@ class SampleStore:
 # --- in-training validation ---------------------------------------------------------
 
 
-def reward_function(name: str) -> Callable[..., dict]:
-    """The verifier reward that goes with a prompt template (``evaluation.REWARDS``)."""
-    return REWARDS[name]
+def score(responses: Sequence[str], answers: Sequence[Any], reward: str | Reward,
+          num_workers: int, timeout: float = DEFAULT_TIMEOUT) -> list[dict[str, Any]]:
+    """Verifier rewards of training rollouts, in input order.
 
+    Args:
+        responses: ``[N]`` response texts.
+        answers: ``[N]`` gold answers.
+        reward: the run's ``Reward`` (resolved once, by the loop) or a spec.
+        num_workers: verifier processes (0: score in this process).
+        timeout: seconds per response; past it the response scores 0 with ``timed_out``.
 
-def score(responses: Sequence[str], answers: Sequence[Any], reward: str, num_workers: int):
-    """Verifier rewards (dicts with ``reward``, ``format_reward``, ``answer_reward``)."""
-    return score_batch(list(responses), list(answers), reward_function(reward),
-                       num_workers=num_workers)
+    Returns:
+        ``[N]`` dicts with ``reward``, ``format_reward``, ``answer_reward``, every
+        ``reward/<term>`` of a composite or user reward, and ``timed_out`` / ``error``
+        where grading ran out of time or raised.
+    """
+    reward = resolve_reward(reward)
+    scores = score_batch(list(responses), list(answers), reward, num_workers=num_workers,
+                         timeout=timeout)
+    for s in scores:  # a worker killed at the deadline scores the whole response 0
+        for k in reward.components:
+            s.setdefault(k, 0.0)
+    return scores
 
 
 def validate(
@@ -672,24 +716,58 @@ def validate(
     examples: Sequence,
     *,
     template: str,
-    reward: str,
+    reward: str | Reward,
     sampling,
     num_workers: int,
+    system_prompt: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out rewards of ``engine`` on ``examples`` (``MathExample``), ``sampling.n`` each.
+
+    ``reward`` is the run's ``Reward`` (resolved once) or a spec.
 
     The same code as ``eval/evaluate.py`` (``rollout_and_score`` and ``reward_metrics``),
     so a checkpoint scores the same here and in an eval report.
 
     Returns:
         ``(metrics, records)``: mean ``answer_reward`` / ``format_reward`` / ``reward``,
-        response lengths in tokens (all, correct, incorrect) and ``truncated_fraction``; one
-        record per sample with prompt, response, gold answer, extracted answer, rewards,
-        length and finish reason (for ``write_generations``).
+        response lengths in tokens (all, correct, incorrect), ``truncated_fraction`` and
+        the means of a composite or user reward's ``reward/<term>``; one record per sample
+        with prompt, response, gold answer, extracted answer, rewards, length and finish
+        reason (for ``write_generations``).
     """
     records = rollout_and_score(engine, examples, template=template, reward=reward,
-                                sampling=sampling, num_workers=num_workers)
+                                sampling=sampling, num_workers=num_workers,
+                                system_prompt=system_prompt)
     return summarize_rewards(records), records
+
+
+def validate_all(
+    engine,
+    held_out: Sequence,
+    sets: Mapping[str, Sequence],
+    **kwargs: Any,
+) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """What a training loop's evaluation logs: ``validate`` on the data source's held-out
+    set as ``eval/*``, and ``evaluate_sets`` on ``config.eval.sets`` as ``eval/<name>/*``
+    (each set seeded apart). ``kwargs``: ``validate``'s (template, reward, sampling,
+    num_workers, system_prompt).
+
+    Returns:
+        ``(metrics, records)``: the prefixed metrics; records by set name (``""``: the
+        held-out set), each record of a named set tagged ``"set": name``.
+    """
+    metrics: dict[str, float] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    if held_out:
+        result, records[""] = validate(engine, held_out, **kwargs)
+        metrics.update({"eval/" + k: v for k, v in result.items()})
+    sets = {name: examples for name, examples in sets.items() if examples}
+    if sets:
+        result, by_set = evaluate_sets(engine, sets, **kwargs)
+        metrics.update({"eval/" + k: v for k, v in result.items()})
+        for name, rows in by_set.items():
+            records[name] = [{"set": name, **r} for r in rows]
+    return metrics, records
 
 
 def summarize_rewards(records: Sequence[dict[str, Any]], prefix: str = "") -> dict[str, float]:

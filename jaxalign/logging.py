@@ -31,7 +31,8 @@ class MetricsLogger:
     Args:
         run_dir: the run's directory.
         wandb_mode: "offline" (default), "online" or "disabled".
-        wandb_project, run_name, config: passed to ``wandb.init``.
+        wandb_project, wandb_entity, wandb_tags, run_name, config: passed to ``wandb.init``
+            (an empty entity: wandb's default for the logged-in user).
     """
 
     def __init__(
@@ -40,6 +41,8 @@ class MetricsLogger:
         *,
         wandb_mode: str = "offline",
         wandb_project: str = "jaxalign",
+        wandb_entity: str = "",
+        wandb_tags: tuple[str, ...] | list[str] = (),
         run_name: str | None = None,
         config: dict | None = None,
         filename: str = "metrics.jsonl",
@@ -61,6 +64,8 @@ class MetricsLogger:
 
             self._wandb = wandb.init(
                 project=wandb_project,
+                entity=wandb_entity or None,
+                tags=list(wandb_tags) or None,
                 name=run_name,
                 mode=wandb_mode,
                 dir=str(run_dir),
@@ -82,6 +87,18 @@ class MetricsLogger:
             self._wandb.log(
                 {k: v for k, v in record.items() if k not in ("step", "time")}, step=int(step)
             )
+
+    def log_table(self, step: int, key: str, rows: list[dict[str, Any]],
+                  columns: tuple[str, ...]) -> None:
+        """``rows`` (their ``columns``) as one wandb table under ``key`` at ``step``; a no-op
+        without wandb (the JSONL files hold the same records)."""
+        if not self.active or self._wandb is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(columns),
+                            data=[[_to_python(r.get(c)) for c in columns] for r in rows])
+        self._wandb.log({key: table}, step=int(step))
 
     def close(self) -> None:
         if not self.active:

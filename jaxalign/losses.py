@@ -714,3 +714,105 @@ def policy_log_probs(
             hidden, model.logits, labels, chunk_size=chunk_size, return_token_entropy=entropy
         )
     return get_response_log_probs(model, input_ids, labels, return_token_entropy=entropy)
+
+
+# --- preference losses (DPO) ------------------------------------------------------------
+
+
+def sequence_log_probs(token_log_probs: Array, response_mask: Array) -> Array:
+    """Summed log-probability of each row's response: ``log pi(y | x) = sum_t mask * log p``.
+
+    What DPO compares (CS336 assignment 5 supplement: the sum over the response tokens, not
+    a mean, so a longer response is not favoured or penalised per token). Masked positions
+    are selected away (``masked_normalize``), so ``-inf`` at padding cannot leak in.
+
+    Args:
+        token_log_probs: ``[B, T]`` per-token log-probs (``policy_log_probs(...)["log_probs"]``).
+        response_mask: ``[B, T]`` true on response tokens.
+
+    Returns:
+        ``[B]`` sequence log-probs, at least float32.
+    """
+    return masked_normalize(token_log_probs, response_mask, 1.0, axis=-1)
+
+
+def per_instance_dpo_loss(
+    policy_chosen_log_prob: Array,
+    policy_rejected_log_prob: Array,
+    ref_chosen_log_prob: Array,
+    ref_rejected_log_prob: Array,
+    beta: float | Array,
+) -> Array:
+    """DPO loss of preference pairs (Rafailov et al. 2023; CS336 assignment 5 supplement).
+
+    ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` where each term is a response's
+    summed log-probability given its prompt under the policy (``pi``) or the frozen
+    reference (``ref``). Computed with ``jax.nn.log_sigmoid``, which stays finite for large
+    margins of either sign (``log(sigmoid(x))`` underflows to ``-inf`` below x ~ -90).
+
+    Args:
+        policy_chosen_log_prob, policy_rejected_log_prob: ``[...]`` (a scalar, or ``[B]``)
+            sequence log-probs under the policy.
+        ref_chosen_log_prob, ref_rejected_log_prob: same shape, under the reference policy
+            (constants: the caller computes them without gradients).
+        beta: the DPO temperature (strength of the implicit KL to the reference).
+
+    Returns:
+        ``[...]`` per-pair losses (the inputs' shape), at least float32.
+    """
+    chosen = _f32(policy_chosen_log_prob) - _f32(ref_chosen_log_prob)
+    rejected = _f32(policy_rejected_log_prob) - _f32(ref_rejected_log_prob)
+    return -jax.nn.log_sigmoid(beta * (chosen - rejected))
+
+
+def dpo_loss(
+    policy_chosen_log_probs: Array,
+    policy_rejected_log_probs: Array,
+    ref_chosen_log_probs: Array,
+    ref_rejected_log_probs: Array,
+    beta: float | Array,
+) -> tuple[Array, dict[str, Array]]:
+    """Mean DPO loss of a batch of B pairs, with the implicit-reward metrics.
+
+    The implicit reward of a response is ``r = beta * (log pi(y|x) - log ref(y|x))``; the
+    loss is the mean over pairs of ``per_instance_dpo_loss``.
+
+    Args:
+        policy_chosen_log_probs, policy_rejected_log_probs: ``[B]`` sequence log-probs
+            (``sequence_log_probs``) of the chosen / rejected responses under the policy.
+        ref_chosen_log_probs, ref_rejected_log_probs: ``[B]``, under the frozen reference.
+        beta: the DPO temperature.
+
+    Returns:
+        ``(loss, metadata)``: a scalar and scalar means over the B pairs:
+        ``chosen_reward`` and ``rejected_reward`` (``r_c``, ``r_r``), ``reward_margin``
+        (``r_c - r_r``), ``reward_accuracy`` (fraction of pairs with ``r_c > r_r``, a tie
+        counting 1/2: at the start, policy = reference, every margin is 0 and the accuracy
+        0.5, a coin flip, rather than 0), ``logp_accuracy`` (fraction where the policy
+        itself gives the chosen response the higher log-probability, ties 1/2: what a
+        sampler follows), ``chosen_log_prob`` and ``rejected_log_prob`` (policy).
+    """
+    pi_c, pi_r = _f32(policy_chosen_log_probs), _f32(policy_rejected_log_probs)
+    ref_c, ref_r = _f32(ref_chosen_log_probs), _f32(ref_rejected_log_probs)
+    for name, x in (("policy_rejected", pi_r), ("ref_chosen", ref_c), ("ref_rejected", ref_r)):
+        if x.shape != pi_c.shape or pi_c.ndim != 1:
+            raise ValueError(f"DPO inputs must all be [B]: policy_chosen {pi_c.shape}, "
+                             f"{name} {x.shape}")
+    per_pair = per_instance_dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)  # [B]
+    chosen_reward = jax.lax.stop_gradient(beta * (pi_c - ref_c))  # [B]
+    rejected_reward = jax.lax.stop_gradient(beta * (pi_r - ref_r))  # [B]
+    margin = chosen_reward - rejected_reward
+
+    def win_rate(diff: Array) -> Array:
+        return jnp.mean(jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0)))
+
+    metadata = {
+        "chosen_reward": jnp.mean(chosen_reward),
+        "rejected_reward": jnp.mean(rejected_reward),
+        "reward_margin": jnp.mean(margin),
+        "reward_accuracy": win_rate(margin),
+        "logp_accuracy": win_rate(jax.lax.stop_gradient(pi_c - pi_r)),
+        "chosen_log_prob": jnp.mean(jax.lax.stop_gradient(pi_c)),
+        "rejected_log_prob": jnp.mean(jax.lax.stop_gradient(pi_r)),
+    }
+    return jnp.mean(per_pair), metadata

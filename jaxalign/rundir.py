@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +110,35 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def resume_conflicts(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
-    """The changes among ``config_changes`` that a resume may not make (``RESUME_FIXED``)."""
+def resume_conflicts(old: Mapping[str, Any], new: Mapping[str, Any],
+                     overridden: Iterable[str] = ()) -> dict[str, tuple]:
+    """The changes among ``config_changes`` that a resume may not make (``RESUME_FIXED``).
+
+    A field the run's config does not have at all (nor any block above it) was added to
+    jaxalign after the run started. At its default it is not a conflict (else an upgrade
+    would leave a run no config could resume); set on the command line (``overridden``:
+    the dotted fields the user set) it is, like any other change. ``record_resume``
+    records its value either way.
+    """
+    known = flatten(old)
+    overridden = tuple(overridden)
+
+    def added_at_default(key: str) -> bool:
+        parts = key.split(".")
+        added = not any(".".join(parts[:i]) in known for i in range(1, len(parts) + 1))
+        return added and not _under(key, overridden)
+
     return {k: v for k, v in config_changes(old, new).items()
-            if _under(k, RESUME_FIXED) and not _under(k, RESUME_FREE)}
+            if _under(k, RESUME_FIXED) and not _under(k, RESUME_FREE)
+            and not added_at_default(k)}
 
 
-def check_resume(run_dir: str | os.PathLike, new: Mapping[str, Any]) -> str | None:
+def check_resume(run_dir: str | os.PathLike, new: Mapping[str, Any],
+                 overridden: Iterable[str] = ()) -> str | None:
     """Why ``new`` may not resume ``run_dir`` (a message naming every conflict), or None.
 
-    Reads only ``run_dir/config.json`` (the config the run was started with).
+    Reads only ``run_dir/config.json`` (the config the run was started with);
+    ``overridden``: the fields set on the command line (``resume_conflicts``).
     """
     path = Path(run_dir) / CONFIG_FILE
     try:
@@ -128,7 +147,7 @@ def check_resume(run_dir: str | os.PathLike, new: Mapping[str, Any]) -> str | No
         return None  # checkpoints without a config: nothing to compare against
     except (OSError, json.JSONDecodeError) as e:
         return f"{path} cannot be read ({e}); the run directory is left as it is"
-    conflicts = resume_conflicts(old, new)
+    conflicts = resume_conflicts(old, new, overridden)
     if not conflicts:
         return None
     fields = "; ".join(f"config.{k}: {v[0]!r} in the run, {v[1]!r} now"
@@ -263,7 +282,9 @@ class RunState:
             self.run_dir,
             wandb_mode=cfg.log.wandb_mode,
             wandb_project=cfg.log.wandb_project,
-            run_name=self.run_dir.name,
+            wandb_entity=cfg.log.wandb_entity,
+            wandb_tags=tuple(cfg.log.wandb_tags),
+            run_name=cfg.log.wandb_name or self.run_dir.name,
             config=cfg.to_dict(),
         )
 
@@ -327,14 +348,33 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path 
     return Path(out_dir) if jax.process_index() == 0 else None
 
 
+# The columns of the wandb table of sample generations (every record has them).
+GENERATION_COLUMNS = ("prompt", "response", "ground_truth", "extracted", "reward",
+                      "answer_reward", "format_reward", "length", "finish_reason")
+
+
 def write_generations(run_dir: Path, step: int, records: Sequence[dict[str, Any]],
-                      limit: int) -> None:
-    """Appends up to ``limit`` records, tagged with ``step``, to ``generations.jsonl``."""
+                      limit: int, logger: MetricsLogger | None = None,
+                      key: str = "eval/generations") -> None:
+    """Appends up to ``limit`` records, tagged with ``step``, to ``generations.jsonl``; with a
+    ``logger``, also as a wandb table under ``key`` (``GENERATION_COLUMNS``)."""
     if jax.process_index() != 0 or limit <= 0:
         return
+    shown = list(records)[:limit]
     with open(Path(run_dir) / "generations.jsonl", "a") as f:
-        for r in list(records)[:limit]:
+        for r in shown:
             f.write(json.dumps({"step": step, **r}) + "\n")
+    if logger is not None:
+        logger.log_table(step, key, shown, GENERATION_COLUMNS)
+
+
+def write_all_generations(run_dir: Path, step: int, records: dict[str, Sequence[dict]],
+                          limit: int, logger: MetricsLogger | None = None) -> None:
+    """``write_generations`` for each set of ``evaluation.validate_all``'s records (``""``:
+    the held-out set, table ``eval/generations``; else ``eval/<name>/generations``)."""
+    for name, rows in records.items():
+        key = f"eval/{name}/generations" if name else "eval/generations"
+        write_generations(run_dir, step, rows, limit, logger, key=key)
 
 
 def plot_metrics(run_dir: Path, panels: Sequence[tuple[str, Sequence[str]]],

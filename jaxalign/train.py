@@ -40,6 +40,7 @@ ALGORITHMS = {
     "sft": "jaxalign.algorithms.sft",
     "expert_iteration": "jaxalign.algorithms.expert_iteration",
     "grpo": "jaxalign.algorithms.grpo",
+    "dpo": "jaxalign.algorithms.dpo",
 }
 
 
@@ -51,7 +52,7 @@ def validate(cfg: ml_collections.ConfigDict):
     return module
 
 
-def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
+def prepare_run_dir(cfg: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> Path:
     """``cfg.workdir`` (default ``runs/<name>-<timestamp>``), checked and ready for the run.
 
     A ``workdir`` that already holds checkpoints is resumed by the algorithm, but only with a
@@ -78,7 +79,7 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
             if storage.is_remote(workdir):  # what an earlier attempt left: logs, not its HF export
                 storage.copy_tree(workdir, run_dir, skip=storage.SYNC_SKIP, keep_larger=True)
             if checkpoint_steps(workdir) or checkpoint_steps(workdir, "warmstart_checkpoints"):
-                error = rundir.check_resume(run_dir, cfg.to_dict())
+                error = rundir.check_resume(run_dir, cfg.to_dict(), overridden)
             else:  # a fresh run (or one killed before its first checkpoint)
                 (run_dir / rundir.CONFIG_FILE).write_text(
                     cfg.to_json_best_effort(indent=2, sort_keys=True))
@@ -96,10 +97,14 @@ def prepare_run_dir(cfg: ml_collections.ConfigDict) -> Path:
     return run_dir
 
 
-def run(cfg: ml_collections.ConfigDict) -> dict:
-    """Validates ``cfg`` and runs its algorithm; returns the run's summary."""
+def run(cfg: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> dict:
+    """Validates ``cfg`` and runs its algorithm; returns the run's summary.
+
+    ``overridden``: the dotted fields set on the command line (a resume refuses those among
+    fields added to jaxalign after the run started; at their defaults such fields pass).
+    """
     module = validate(cfg)
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, overridden)
     try:
         return module.run(cfg, run_dir)
     finally:
@@ -122,8 +127,13 @@ def main(argv):
     except ValueError as e:
         print(f"distributed set-up error: {e}", file=sys.stderr)
         sys.exit(2)
+    if flags.FLAGS.print_config:
+        sys.exit(print_config(cfg))
+    from ml_collections import config_flags
+
+    overridden = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
     try:
-        summary = run(cfg)
+        summary = run(cfg, overridden)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -135,6 +145,25 @@ def main(argv):
         sys.exit(1)
     if jax.process_index() == 0 and summary is not None:
         print(json.dumps(summary, indent=2, default=str))
+
+
+def print_config(cfg: ml_collections.ConfigDict) -> int:
+    """``--print_config``: the resolved config (every field, after overrides), then every
+    check the run would make before loading a model (config fields, data files' rows,
+    the platform); nothing is written. Returns the exit status: 0 when the run would start,
+    2 with the error on stderr when it would not."""
+    if jax.process_index() == 0:
+        print(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    try:
+        validate(cfg)
+    except (ConfigError, DataError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "data"
+        print(f"{kind} error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(f"config OK: {cfg.algorithm} on {jax.device_count()} {jax.default_backend()} "
+              f"device(s); run it without --print_config", file=sys.stderr)
+    return 0
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -155,10 +184,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
-        "config", None, "a configs/<algo>.py file (':preset' selects a preset)", lock_config=True
+        "config", None, "a configs/<algo>.py file (':preset' selects a preset); override any "
+        "field with --config.<block>.<field>=value (--print_config lists them)", lock_config=True
     )
+    flags.DEFINE_bool("print_config", False, "print the resolved config (every field, with the "
+                      "overrides), run every check the run makes before loading a model, and "
+                      "exit (0: the run would start, 2: it would not, with the reason)")
     app.run(main, flags_parser=parse_flags)

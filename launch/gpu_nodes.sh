@@ -25,7 +25,8 @@
 # export. Over ssh each host gets a terminal (-tt), so a Ctrl-C here stops them all.
 set -euo pipefail
 
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # header_help, quote, quote_all
+usage() { header_help "$0"; exit "${1:-2}"; }
 
 MODE="" HOSTS="" COORDINATOR="" PORT=12355 NUM="" PID="" PYTHON=python DRY_RUN=0
 REMOTE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +52,6 @@ if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
   exit 2
 fi
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # The command line of process $1 of $2 (coordinator $3), as one shell-quoted string.
 train_command() {
   local line="JAX_COORDINATOR_ADDRESS=$(quote "$3") JAX_NUM_PROCESSES=$2 JAX_PROCESS_ID=$1"

@@ -1,4 +1,10 @@
-# Shared by the launchers (sourced, not run): shell quoting for printed and remote commands.
+# Shared by the launchers (sourced, not run): their --help text, and shell quoting for printed
+# and remote commands.
+
+# The comment block at the top of script $1 (after the #! line, up to the first line that is
+# not a comment), without the leading "# ": the launchers' --help. Read to the block's end
+# rather than a fixed line range, which went stale (printing code) whenever a header grew.
+header_help() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$1"; }
 
 # $1, quoted for a shell only when it needs it.
 quote() {

@@ -28,7 +28,8 @@
 # SidecarEngine(restart_command=...) do it).
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # header_help, quote, quote_all
+usage() { header_help "$0"; exit "${1:-2}"; }
 
 BACKEND="" MODEL="" GPUS=0 HOSTS="" PORT=8000 BIND="" LOG_DIR="" TIMEOUT=900 PYTHON=python
 DRY_RUN=0 REMOTE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" VLLM_ENV="" VLLM_VERSION=""
@@ -68,7 +69,6 @@ fi
 [[ -z "$BIND" ]] && { if [[ -n "$HOSTS" ]]; then BIND=0.0.0.0; else BIND=127.0.0.1; fi; }
 LOG_DIR="${LOG_DIR:-${TMPDIR:-/tmp}/jaxalign-sidecars}"
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # The server command for GPU entry $1 on port $2, as one shell-quoted string.
 server_command() {
   local line=""

@@ -4,7 +4,7 @@
 #   launch/tpu_pod.sh --name my-slice --zone us-central2-b --accelerator-type v4-32 \
 #       --workdir gs://my-bucket/runs/grpo-1 [--project P] [--version tpu-ubuntu2204-base] \
 #       [--python-version 3.11] [--spot] [--delete-after] [--dry-run] \
-#       -- --config configs/grpo.py:qwen2p5_math_1p5b --config.model.path=/models/...
+#       -- --config configs/grpo.py:qwen2p5_math_1p5b_tpu --config.model.path=/models/...
 #
 # Steps (each a gcloud command; --dry-run prints them all instead, one per line):
 #   1. reuse the slice if `tpu-vm describe` finds it, else `tpu-vm create` it;
@@ -23,7 +23,8 @@
 # No Pathways: plain multi-controller JAX, one process per TPU VM.
 set -euo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # header_help, quote, quote_all
+usage() { header_help "$0"; exit "${1:-2}"; }
 
 NAME="" ZONE="" ACCEL="" WORKDIR="" PROJECT="" VERSION="tpu-ubuntu2204-base"
 PY_VERSION=3.11 SPOT=0 DELETE_AFTER=0 DRY_RUN=0
@@ -59,7 +60,6 @@ if [[ ${#TRAIN_ARGS[@]} -eq 0 ]]; then
   exit 2
 fi
 
-source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # quote, quote_all
 # Print (dry run; shell-quoted, one command a line) or run one command.
 run() {
   if [[ $DRY_RUN == 1 ]]; then

@@ -22,7 +22,8 @@
 # keeps the environments. Exit status: the number of versions that failed.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # header_help
+usage() { header_help "$0"; exit "${1:-2}"; }
 
 DEFAULT_VLLM=0.33.0
 TESTED_VLLM=(0.10.0 0.11.0 0.33.0 0.34.0)

@@ -9,10 +9,10 @@ and around it:
 * records every path this process opened for writing (a ``sys.addaudithook`` hook sees
   each Python-level ``open``) into ``WRITES.json`` when it exits, so the test can check that
   only process 0 wrote the run's logs, plots and exports;
-* with ``JAXALIGN_TEST_FAKE_REWARD=1``, swaps the verifier for a deterministic reward a
-  random tiny model earns about half the time (``cfg_helpers.fake_score``, the one
-  ``tests/algorithms/test_grpo.py`` uses): with the real verifier every reward is 0, every
-  advantage is 0 and the GRPO loss is trivially 0 on every process count.
+
+The GRPO test scores with ``--config.data.reward=my_rewards:even_e`` (``tests/verify`` on
+``PYTHONPATH``), a reward a random tiny model earns about half the time, as a user names
+their own: with the real verifier every reward is 0 and the GRPO loss trivially 0.
 """
 
 import atexit
@@ -51,13 +51,6 @@ def main() -> None:
     argv = sys.argv[1:]
     sep = argv.index("--")
     _record_writes(argv[0])
-    if os.environ.get("JAXALIGN_TEST_FAKE_REWARD") == "1":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "algorithms"))
-        from cfg_helpers import fake_score
-
-        from jaxalign import evaluation
-
-        evaluation.score = fake_score
     sys.argv = ["jaxalign.train", *argv[sep + 1 :]]
     runpy.run_module("jaxalign.train", run_name="__main__", alter_sys=True)
 

@@ -119,6 +119,8 @@ def _launch(config: str, overrides: dict, workdir: Path, *, processes: int, devi
             are killed), with the tail of each process's log.
     """
     port = _free_port()
+    if fake_reward:  # a user's reward module: tests/verify/my_rewards.py on PYTHONPATH
+        overrides = {**overrides, "data.reward": "my_rewards:even_e"}
     args = _cli_args(config, {**overrides, "workdir": str(workdir)})
     logs = [workdir.parent / f"{workdir.name}.p{i}.log" for i in range(processes)]
     writes = [workdir.parent / f"{workdir.name}.p{i}.writes.json" for i in range(processes)]
@@ -129,8 +131,10 @@ def _launch(config: str, overrides: dict, workdir: Path, *, processes: int, devi
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
             JAX_PLATFORMS="cpu",
             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-            JAXALIGN_TEST_FAKE_REWARD="1" if fake_reward else "0",
         )
+        if fake_reward:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(REPO_ROOT / "tests" / "verify"), env.get("PYTHONPATH", "")])
         if processes > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                        JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))

@@ -13,6 +13,7 @@ reloads with the real tokenizer. Fixtures: ``tests/conftest.py`` (built by
 import importlib.util
 import json
 import pathlib
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -351,6 +352,50 @@ def test_expert_iteration_one_step_on_gsm8k(
     assert record["train/kept_fraction"] == 0.5  # the credited first sample of each question
     assert np.isfinite(record["train/loss"]) and record["train/sft_micro_steps"] == 1
     assert summary["ei_steps"] == 1
+
+
+@pytest.mark.slow
+def test_expert_iteration_with_the_chat_template(
+        tmp_path, monkeypatch, qwen2p5_math_2layer_dir, shared_data):
+    """``data.template=chat`` in a rollout loop: every prompt is the tokenizer's chat turn
+    with ``data.system_prompt``, responses stop at ``<|im_end|>``, and a byte-tokenizer
+    model or an r1_zero reward is refused at config time."""
+    from chat_tokenizer import with_chat_template
+
+    from jaxalign.config import ConfigError
+    from jaxalign.data.prompts import build_prompt
+
+    model_dir = with_chat_template(qwen2p5_math_2layer_dir, tmp_path / "model")
+    cfg = real_config("ei", tmp_path, model_dir, shared_data)
+    cfg.data.num_train, cfg.data.num_eval = 8, 0
+    cfg.data.template, cfg.data.reward = "chat", "question_only"
+    cfg.data.system_prompt = "Answer in \\boxed{}."
+    e = cfg.ei
+    e.n_ei_steps, e.questions_per_step, e.group_size, e.batch_size, e.sft_epochs = 1, 2, 2, 4, 1
+    cfg.sampling.max_tokens = 16
+    cfg.eval.num_workers = 0
+    with pytest.raises(ConfigError, match="add it to config.sampling.stop"):
+        train.validate(cfg)
+    cfg.sampling.stop = ("<|im_end|>",)
+    for field, value, message in [
+            ("reward", "r1_zero", "grades <answer> tags"),
+            ("template", "r1_zero", "applies to config.data.template='chat'")]:
+        bad = real_config("ei", tmp_path, model_dir, shared_data)
+        bad.data.update(dict(cfg.data.to_dict(), **{field: value}))
+        bad.sampling.stop = ("<|im_end|>",)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train.validate(bad)
+    seen = spy_on_rollouts(monkeypatch)
+    train.run(cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    ((questions, completions, _),) = seen
+    for i, c in enumerate(completions):
+        prompt = build_prompt("chat", questions[i // 2].question, tok,
+                              system_prompt="Answer in \\boxed{}.")
+        assert prompt.startswith("<|im_start|>system\nAnswer in \\boxed{}.<|im_end|>\n")
+        assert prompt.endswith("<|im_start|>assistant\n")
+        assert c.prompt_token_ids == tok(prompt)["input_ids"]
+        assert c.finish_reason == "length" or c.stop_reason in (tok.eos_token_id, "<|im_end|>")
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,25 @@ def test_fixed_fields_conflict_and_free_fields_do_not():
         "model.arch.num_hidden_layers"}
 
 
+def test_fields_added_by_an_upgrade_do_not_block_a_resume(tmp_path):
+    """A run started before jaxalign grew ``data.fields`` (or a whole new block) resumes;
+    changing a field the run does have is still refused, and the new values are recorded."""
+    old = _cfg()
+    upgraded = _cfg(data__fields="", data__split="train", lora={"rank": 0})
+    assert rundir.resume_conflicts(old, upgraded) == {}
+    assert set(rundir.resume_conflicts(old, dict(upgraded, seed=3))) == {"seed"}
+    # set on the command line, a new field is a change like any other
+    assert set(rundir.resume_conflicts(old, upgraded, overridden=("data.fields",))) == {
+        "data.fields"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert rundir.check_resume(tmp_path, upgraded) is None
+    assert "config.data.split: None in the run, 'train' now" in rundir.check_resume(
+        tmp_path, upgraded, ("data.split",))
+    rundir.record_resume(tmp_path, upgraded, step=5)
+    record = json.loads((tmp_path / rundir.RESUMES_FILE).read_text())
+    assert record["changed"]["data.fields"] == [None, ""]
+
+
 def test_check_resume_names_each_conflict(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_cfg()))
     assert rundir.check_resume(tmp_path, _cfg(train__steps=99)) is None

@@ -13,6 +13,11 @@ For ``ei.n_ei_steps`` steps:
    sampled; never re-tokenized), in micro-batches of fixed shape;
 4. push the weights to the engine, log the kept fraction, entropy and held-out accuracy.
 
+"Verified" is ``data.reward``, resolved once (``PolicyRun.reward``): a registered verifier
+reward, your own ``module:function`` or a weighted sum (``jaxalign.verify.rewards``; for a
+reward of user functions alone, ``answer_reward`` is 1 where the reward is positive). Each
+term of a composite or user reward is logged as ``train/reward/<term>``.
+
 The policy is fine-tuned continuously (one optimizer across steps, constant learning rate
 by default), as in CS336's expert-iteration experiment.
 """
@@ -28,7 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxalign import optim, rundir
+from jaxalign import evaluation, optim, rundir
 from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
 
@@ -141,6 +146,7 @@ class ExpertIteration(PolicyRun):
             "train/questions_solved": len({i // e.group_size for i in kept}) / len(questions),
             "train/response_length": float(np.mean([len(c.token_ids) for c in completions])),
             "time/rollout_s": t_rollout,
+            **{f"train/{k}": v for k, v in evaluation.component_means(scores).items()},
         }
         t1 = time.perf_counter()
         if kept:
@@ -197,7 +203,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     if cfg.checkpoint.export_hf:
         rundir.export_hf(ei.trainer.model(), ei.tokenizer, Path(run_dir) / "hf")
     rundir.plot_metrics(run_dir, [
-        ("reward", ["train/answer_reward", "eval/answer_reward", "train/kept_fraction"]),
+        ("reward", ["train/answer_reward", *ei.eval_curves(), "train/kept_fraction",
+                    *[f"train/{k}" for k in ei.reward.components]]),
         ("entropy", ["train/entropy"]),
         ("loss", ["train/loss"]),
     ])
@@ -208,6 +215,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "resumed_from": start,
         "eval_before": eval_before.get("eval/answer_reward"),
         "eval_after": eval_after.get("eval/answer_reward"),
+        "eval_after_sets": ei.eval_summary(eval_after),
         "num_eval_examples": len(ei.held_out),
         **ei.warmstart_result,
         "wall_time_s": round(time.time() - t0, 1),

@@ -26,9 +26,16 @@ Departures from and options around the paper (DeepSeekMath; CS336 assignment 5 n
   before any update, against the engine's for the same tokens.
 * Optional, off by default: ``filter_zero_std_groups`` (DAPO's dynamic-sampling filter:
   groups whose rewards are all equal give no advantage; their tokens are masked out so they
-  do not dilute a token mean), ``mask_truncated`` (completions that hit ``max_tokens`` get
+  do not dilute a token mean; with ``max_resample_rounds > 0``, DAPO's published form: more
+  prompts are sampled, up to that many extra rounds, until the step's batch is full of
+  informative groups, and only if it is still short are zero-std groups kept, masked),
+  ``mask_truncated`` (completions that hit ``max_tokens`` get
   no gradient), ``overlong_penalty`` (DAPO's soft length penalty, linear over the last
   ``overlong_buffer`` tokens).
+* The reward is ``data.reward``, resolved once (``PolicyRun.reward``): a registered
+  verifier reward, your own ``module:function``, or a weighted sum of them
+  (``"r1_zero + 0.1*my_rewards:length_penalty"``; ``jaxalign.verify.rewards``). Each term
+  of a composite or user reward is logged as ``train/reward/<term>`` (unweighted).
 * Safety: ``frac_reward_zero_std`` is logged; mean token entropy under ``entropy_floor``
   warns (and with ``stop_on_collapse`` stops); so does format reward rising while answer
   reward falls (reward hacking the format).
@@ -53,7 +60,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxalign import losses, optim, rundir, sharding
+from jaxalign import evaluation, losses, optim, rundir, sharding
 from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
 
@@ -98,6 +105,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "loss_type='grpo_clip' needs config.grpo.cliprange > 0 (or both "
               "cliprange_low and cliprange_high)")
     validate_rollout_config(cfg)
+    check(g.max_resample_rounds >= 0 and (g.max_resample_rounds == 0
+                                           or g.filter_zero_std_groups),
+          f"config.grpo.max_resample_rounds={g.max_resample_rounds}: must be >= 0, and > 0 "
+          "only with grpo.filter_zero_std_groups=True (it refills the groups that filter drops)")
     check(0 <= g.overlong_buffer < cfg.sampling.max_tokens,
           f"config.grpo.overlong_buffer={g.overlong_buffer} must be in "
           "[0, sampling.max_tokens)")
@@ -281,6 +292,55 @@ class GRPO(PolicyRun):
         self.start_engine(self.trainer.model())
         self.history: list[dict[str, float]] = []
 
+    def rollout_informative(self, step: int):
+        """``rollout(step, group_size)``, refilled by DAPO's dynamic sampling when
+        ``filter_zero_std_groups`` and ``max_resample_rounds > 0``: groups whose shaped
+        rewards are all equal are replaced by groups of further prompts (each round seeded
+        apart) until the step holds as many informative groups as it has groups, or the
+        rounds run out; then zero-std groups fill the rest (``make_batch`` masks them).
+        Static shapes: always ``rollout_batch_size`` rows.
+
+        Returns:
+            ``(prompt_ids, completions, scores, metrics)``.
+        """
+        g = self.cfg.grpo
+        n = g.group_size
+        prompt_ids, completions, scores, _ = self.rollout(step, n)
+        if not (g.filter_zero_std_groups and g.max_resample_rounds):
+            return prompt_ids, completions, scores, {}
+        needed = len(completions) // n
+        informative: list[tuple] = []
+        flat: list[tuple] = []
+        rounds, times = 0, dict(self.rollout_times)
+        while True:
+            same = zero_std_groups(self._shaped_rewards(completions, scores), n)[::n]
+            for k, is_flat in enumerate(same):
+                group = (prompt_ids[k * n:(k + 1) * n], completions[k * n:(k + 1) * n],
+                         scores[k * n:(k + 1) * n])
+                (flat if is_flat else informative).append(group)
+            if len(informative) >= needed or rounds == g.max_resample_rounds:
+                break
+            rounds += 1
+            prompt_ids, completions, scores, _ = self.rollout(step, n, attempt=rounds)
+            times = {k: v + self.rollout_times[k] for k, v in times.items()}
+        self.rollout_times = times
+        chosen = (informative + flat)[:needed]
+        # train/frac_reward_zero_std (make_batch) describes the batch trained on; this, every
+        # group sampled for it (how often the policy's groups carry no signal).
+        metrics = {"train/resample_rounds": rounds,
+                   "train/informative_groups": min(len(informative), needed) / needed,
+                   "train/zero_std_groups_sampled": len(flat) / (len(flat) + len(informative))}
+        return ([p for grp in chosen for p in grp[0]], [c for grp in chosen for c in grp[1]],
+                [sc for grp in chosen for sc in grp[2]], metrics)
+
+    def _shaped_rewards(self, completions, scores) -> np.ndarray:
+        """``[N]`` rewards as the advantages see them: the verifier's plus the overlong
+        penalty."""
+        g, s = self.cfg.grpo, self.cfg.sampling
+        lengths = np.array([len(c.token_ids) for c in completions])
+        penalty = overlong_penalty(lengths, s.max_tokens, g.overlong_buffer, g.overlong_penalty)
+        return np.array([sc["reward"] for sc in scores]) + penalty
+
     def make_batch(self, prompt_ids, completions, scores) -> tuple[dict, dict]:
         """Advantages and the static-shape rollout batch, with their metrics."""
         g, s = self.cfg.grpo, self.cfg.sampling
@@ -319,6 +379,8 @@ class GRPO(PolicyRun):
             "train/rows_with_gradient": float(keep.mean()),
             "train/width": width,
         }
+        # a composite or user reward's terms, unweighted (before the overlong penalty)
+        metrics.update({f"train/{k}": v for k, v in evaluation.component_means(scores).items()})
         return batch, metrics
 
     def add_old_log_probs(self, batch: dict) -> None:
@@ -362,9 +424,10 @@ class GRPO(PolicyRun):
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step (rollouts -> rewards -> advantages -> updates -> weights)."""
         t0 = time.perf_counter()
-        prompt_ids, completions, scores, _ = self.rollout(step, self.cfg.grpo.group_size)
+        prompt_ids, completions, scores, resampled = self.rollout_informative(step)
         t_rollout = time.perf_counter() - t0
         batch, metrics = self.make_batch(prompt_ids, completions, scores)
+        metrics.update(resampled)
         t_batch = time.perf_counter()
         self.add_old_log_probs(batch)
         t1 = time.perf_counter()
@@ -457,7 +520,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         rundir.export_hf(grpo.trainer.model(), grpo.tokenizer, Path(run_dir) / "hf")
     rundir.plot_metrics(run_dir, [
         ("reward", ["train/reward", "train/answer_reward", "train/format_reward",
-                    "eval/answer_reward"]),
+                    *grpo.eval_curves(), *[f"train/{k}" for k in grpo.reward.components]]),
         ("entropy", ["train/entropy"]),
         ("response length", ["train/response_length", "train/response_length_correct",
                              "train/response_length_incorrect"]),
@@ -471,6 +534,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
         "resumed_from": start,
         "eval_before": eval_before.get("eval/answer_reward"),
         "eval_after": eval_after.get("eval/answer_reward"),
+        "eval_after_sets": grpo.eval_summary(eval_after),
         "eval_before_format": eval_before.get("eval/format_reward"),
         "eval_after_format": eval_after.get("eval/format_reward"),
         "num_eval_examples": len(grpo.held_out),

@@ -7,6 +7,9 @@
 * the training questions as a resumable grain iterator, and the held-out set;
 * the rollout engine (the in-process ``JaxEngine`` or HTTP sidecars) once the subclass has
   its trainer (``start_engine``);
+* the reward: ``data.reward`` (a spec: ``"r1_zero"``, ``"my_rewards:fn"``,
+  ``"r1_zero + 0.1*my_rewards:length_penalty"``; ``jaxalign.verify.rewards``) resolved once
+  into ``self.reward``, the callable that scores rollouts and held-out samples;
 * ``rollout(step, n)``: a batch of questions -> ``n`` samples each -> verifier rewards, with
   sampling seeded by the step so a resumed run samples what it would have;
 * ``evaluate(step)``: held-out rewards, logged and written to ``generations.jsonl``.
@@ -24,7 +27,9 @@ seeds, so the same result); only process 0 writes it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import socket
 import time
 import urllib.parse
@@ -34,11 +39,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxalign import evaluation, optim, rundir, sharding
+from jaxalign import distributed, evaluation, optim, rundir, sharding
 from jaxalign.algorithms import sft
 from jaxalign.config import ConfigError, check, check_micro_batch
 from jaxalign.data import datasets
+from jaxalign.data.prompts import build_prompt
 from jaxalign.models import build
+from jaxalign.verify import RewardSpecError, resolve_reward
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,9 @@ def load_questions(data: ml_collections.ConfigDict):
         # user supplies it. A JSONL source: its rows, nothing held out.
         field, path = _problem_file(data)
         check(bool(path), "data.source='math' needs data.train_file (a JSONL of problems)")
-        train, fields = datasets.load_problems(path, skip_invalid=data.skip_invalid)
+        train, fields = datasets.load_problem_source(
+            path, fields=datasets.parse_field_map(data.fields), split=data.split,
+            skip_invalid=data.skip_invalid)
         line = f"{field} {path}: {len(train)} problems, {datasets.describe_fields(fields)}"
         logger.info(line)
         if jax.process_index() == 0:
@@ -84,6 +93,28 @@ def _problem_file(data: ml_collections.ConfigDict) -> tuple[str, str]:
     if data.source == "math":
         return "train_file", data.train_file
     return "source", data.source
+
+
+def check_gpus_apart(engine) -> None:
+    """Refuses sidecars on this host that compute on a GPU this trainer uses too
+    (``client.gpus_shared_with_sidecars``; only a GPU trainer can clash). ``ConfigError``
+    with what to change, on every process when any host clashes; the engine is closed
+    first."""
+    if jax.default_backend() != "gpu":
+        return
+    from jaxalign.rollout.client import gpus_shared_with_sidecars
+
+    clashes = gpus_shared_with_sidecars(
+        engine.health(), trainer_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        trainer_gpus=jax.local_device_count(), is_local=_is_this_host)
+    if jax.process_count() > 1:  # every process stops, not just the one whose host clashes
+        clashes = [c for host in distributed.allgather_objects(clashes) for c in host]
+    if clashes:
+        engine.close()
+        raise ConfigError(
+            f"config.engine.urls: {'; '.join(clashes)}. Give each its own GPUs: start the "
+            "trainer with CUDA_VISIBLE_DEVICES set to the others (e.g. CUDA_VISIBLE_DEVICES=0 "
+            "python -m jaxalign.train ..., the sidecar with launch/sidecar.sh --gpus 1)")
 
 
 def sidecar_urls(urls: str) -> list[str]:
@@ -121,16 +152,22 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
               "config.engine.export_dir to a directory every sidecar host reads (a shared "
               "filesystem; the same path on every host), and start those sidecars with "
               "--weights-root on it (they load weights only from under that root)")
-    check(cfg.data.reward in ("r1_zero", "question_only"),
-          f"config.data.reward={cfg.data.reward!r}; choose r1_zero or question_only")
-    check(cfg.data.source in ("synthetic", "gsm8k", "math") or Path(cfg.data.source).is_file(),
-          f"config.data.source={cfg.data.source!r}: 'synthetic', 'gsm8k', 'math' or a JSONL file")
+    try:  # imports a user reward's module now, before the model loads
+        resolve_reward(cfg.data.reward)
+    except RewardSpecError as e:
+        raise ConfigError(f"config.data.reward={cfg.data.reward!r}: {e}") from None
+    check(cfg.data.source in ("synthetic", "gsm8k", "math") or Path(cfg.data.source).is_file()
+          or cfg.data.source.startswith(datasets.HF_PREFIX),
+          f"config.data.source={cfg.data.source!r}: 'synthetic', 'gsm8k', 'math', a JSONL file "
+          f"or hf:NAME[:CONFIG] (a Hugging Face dataset: Hub id or local folder)")
     if cfg.data.source in ("gsm8k", "math"):
         check(Path(cfg.data.data_dir).is_dir(),
               f"config.data.data_dir={cfg.data.data_dir!r} not found (the folder holding "
               "gsm8k/ and math500/, e.g. ../shared/data)")
     if cfg.data.source == "math":
-        check(bool(cfg.data.train_file) and Path(cfg.data.train_file).is_file(),
+        check(bool(cfg.data.train_file) and (Path(cfg.data.train_file).is_file()
+                                             or cfg.data.train_file.startswith(
+                                                 datasets.HF_PREFIX)),
               f"config.data.source='math' needs config.data.train_file, a JSONL of training "
               f"problems: a question ('problem' or 'question') and an answer ('answer', or "
               f"'solution' with \\boxed{{}}) per row (got {cfg.data.train_file!r})")
@@ -139,9 +176,26 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
         # question or an answer field is known here.
         field, path = _problem_file(cfg.data)
         try:
-            datasets.problem_file_fields(path, skip_invalid=cfg.data.skip_invalid)
+            fields = datasets.parse_field_map(cfg.data.fields)
+        except ValueError as e:
+            raise ConfigError(f"config.data.{e}") from None
+        try:
+            datasets.problem_source_fields(path, fields=fields, split=cfg.data.split,
+                                           skip_invalid=cfg.data.skip_invalid)
         except datasets.DataError as e:
-            raise ConfigError(f"config.data.{field}={path!r}: {e}") from None
+            hint = "" if fields or isinstance(e, datasets.SourceUnavailable) else (
+                " (other field names: map them with config.data.fields=question=F,answer=F)")
+            raise ConfigError(f"config.data.{field}={path!r}: {e}{hint}") from None
+    elif cfg.data.fields:
+        raise ConfigError(f"config.data.fields={cfg.data.fields!r} maps the fields of a JSONL "
+                          f"or hf: source; data.source={cfg.data.source!r} has its own")
+    sft.check_chat_template_config(cfg)
+    if cfg.data.template == "chat":
+        check("<|im_end|>" in cfg.sampling.stop,
+              f"config.data.template='chat': responses end with the chat template's "
+              f"end-of-turn; add it to config.sampling.stop (e.g. --config.sampling.stop="
+              f"\"('<|im_end|>',)\"; got {tuple(cfg.sampling.stop)})")
+    sft.check_eval_sets(cfg)
     if cfg.warmstart.sft_steps:
         check(cfg.data.source == "synthetic",
               "config.warmstart.sft_steps > 0 needs data.source='synthetic' (it trains on "
@@ -153,6 +207,7 @@ class PolicyRun:
     """The set-up of a rollout-based run; subclasses add a trainer and a step.
 
     Attributes:
+        reward: the resolved ``data.reward`` (``jaxalign.verify.Reward``), resolved once here.
         policy: the starting model (after the warm start, if any).
         engine: the rollout engine (after ``start_engine``).
         questions: resumable iterator of ``prompts_per_step`` training questions.
@@ -164,9 +219,11 @@ class PolicyRun:
         from jaxalign.data.pipeline import make_example_iterator
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.reward = resolve_reward(cfg.data.reward)
         self.mesh = sharding.mesh_from_config(cfg)
         self.policy, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
         self.train_questions, self.held_out = load_questions(cfg.data)
+        self.eval_sets = sft.load_eval_sets(cfg)
         self._fit_to_context(cfg)
         check(len(self.train_questions) >= prompts_per_step,
               f"{len(self.train_questions)} training questions < the {prompts_per_step} "
@@ -192,11 +249,15 @@ class PolicyRun:
         fix = ("lower config.sampling.max_tokens, use a model with a longer context, or set "
                "config.data.skip_invalid=True to skip these prompts (counted in the log)")
         fit = dict(template=cfg.data.template, new_tokens=cfg.sampling.max_tokens,
-                   context=context, skip=cfg.data.skip_invalid, fix=fix)
+                   context=context, skip=cfg.data.skip_invalid, fix=fix,
+                   system_prompt=cfg.data.system_prompt)
         self.train_questions = sft.fit_questions_to_context(
             self.train_questions, self.tokenizer, what="training questions", **fit)
         self.held_out = sft.fit_questions_to_context(
             self.held_out, self.tokenizer, what="held-out questions", **fit)
+        for name, examples in self.eval_sets.items():
+            self.eval_sets[name] = sft.fit_questions_to_context(
+                examples, self.tokenizer, what=f"eval set {name} (config.eval.sets)", **fit)
         if cfg.warmstart.sft_steps:
             sft.check_seq_buckets(cfg.warmstart.seq_buckets, context, "warmstart.seq_buckets")
 
@@ -271,6 +332,7 @@ class PolicyRun:
             from jaxalign.rollout import SidecarEngine
 
             self.engine = SidecarEngine(sidecar_urls(c.urls), export_dir=c.export_dir or None)
+            check_gpus_apart(self.engine)
             self.engine.update_weights(model)
             self.pad_id = self.tokenizer.pad_token_id
             if self.pad_id is None:
@@ -282,8 +344,9 @@ class PolicyRun:
                                 max_batch_size=c.max_batch_size, decode_chunk=c.decode_chunk)
         self.pad_id = self.engine.pad_token_id
 
-    def sampling_params(self, step: int, n: int, eval_: bool = False):
-        """Rollout sampling (seeded by the step) or held-out sampling (``eval_``)."""
+    def sampling_params(self, step: int, n: int, eval_: bool = False, attempt: int = 0):
+        """Rollout sampling (seeded by the step; ``attempt`` > 0: a further round of the
+        same step, seeded apart) or held-out sampling (``eval_``)."""
         from jaxalign.rollout import SamplingParams
 
         s, e = self.cfg.sampling, self.cfg.eval
@@ -296,38 +359,37 @@ class PolicyRun:
                               stop=tuple(s.stop), include_stop_str_in_output=True,
                               # < 2**31, what every engine and the sidecar take (the
                               # same seeds as before for config.seed < 21474)
-                              seed=(self.cfg.seed * 100_003 + step) % 2**31)
+                              seed=(self.cfg.seed * 100_003 + step
+                                    + 1_000_000_007 * attempt) % 2**31)
 
-    def rollout(self, step: int, n: int):
-        """The step's questions, ``n`` samples each, scored.
+    def rollout(self, step: int, n: int, attempt: int = 0):
+        """The step's questions, ``n`` samples each, scored (``attempt`` > 0: a further
+        round of questions for the same step, e.g. DAPO's dynamic sampling).
 
         Returns:
             ``(prompt_ids, completions, scores, questions)``: per rollout (group-major: the
             ``n`` samples of a question are consecutive) the prompt's token ids, the
             ``Completion`` and the verifier's reward dict; and the questions.
         """
-        import dataclasses
-
-        from jaxalign import distributed
-        from jaxalign.data.prompts import format_prompt
         from jaxalign.rollout import JaxEngine
 
         questions = next(self.questions)  # this process's share
-        prompts = [format_prompt(self.cfg.data.template, q.question) for q in questions]
-        params = self.sampling_params(step, n)
+        prompts = [build_prompt(self.cfg.data.template, q.question, self.tokenizer,
+                                system_prompt=self.cfg.data.system_prompt) for q in questions]
+        params = self.sampling_params(step, n, attempt=attempt)
         t0 = time.perf_counter()
         if isinstance(self.engine, JaxEngine):  # rows seeded by their place in the step
             groups = self.engine.generate(prompts, params,
                                           prompt_offset=jax.process_index() * len(prompts))
         else:  # sidecars seed per request: keep the processes' requests apart
-            params = dataclasses.replace(params, seed=params.seed + 1_000_003
-                                         * jax.process_index())
+            params = dataclasses.replace(params, seed=(params.seed + 1_000_003
+                                                       * jax.process_index()) % 2**31)
             groups = self.engine.generate(prompts, params)
         completions = [c for group in groups for c in group]
         t1 = time.perf_counter()
         answers = [q.answer for q in questions for _ in range(n)]
-        scores = evaluation.score([c.text for c in completions], answers, self.cfg.data.reward,
-                              self.cfg.eval.num_workers)
+        scores = evaluation.score([c.text for c in completions], answers, self.reward,
+                                  self.cfg.eval.num_workers)
         t2 = time.perf_counter()
         if jax.process_count() > 1:  # every process gets the whole step (module docstring)
             shares = distributed.allgather_objects((questions, completions, scores))
@@ -340,14 +402,23 @@ class PolicyRun:
         return [c.prompt_token_ids for c in completions], completions, scores, questions
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out rewards of the engine's current weights (logged as ``eval/*``)."""
-        if not self.held_out:
-            return {}
-        metrics, records = evaluation.validate(
-            self.engine, self.held_out, template=self.cfg.data.template,
-            reward=self.cfg.data.reward, sampling=self.sampling_params(step, 1, eval_=True),
-            num_workers=self.cfg.eval.num_workers)
-        rundir.write_generations(self.run_dir, step, records, self.cfg.log.num_generations)
-        metrics = {"eval/" + k: v for k, v in metrics.items()}
-        self.run.log(step, metrics)
+        """Held-out rewards of the engine's current weights: the data source's held-out set
+        as ``eval/*``, each of ``eval.sets`` as ``eval/<name>/*`` (the same code as
+        ``eval/evaluate.py``); sample generations of each to ``generations.jsonl``."""
+        metrics, records = evaluation.validate_all(
+            self.engine, self.held_out, self.eval_sets, template=self.cfg.data.template,
+            reward=self.reward, sampling=self.sampling_params(step, 1, eval_=True),
+            num_workers=self.cfg.eval.num_workers, system_prompt=self.cfg.data.system_prompt)
+        rundir.write_all_generations(self.run_dir, step, records, self.cfg.log.num_generations,
+                                     self.run.logger)
+        if metrics:
+            self.run.log(step, metrics)
         return metrics
+
+    def eval_curves(self) -> list[str]:
+        """The held-out answer-reward keys, for the reward plot."""
+        return ["eval/answer_reward", *[f"eval/{name}/answer_reward" for name in self.eval_sets]]
+
+    def eval_summary(self, metrics: dict[str, float]) -> dict[str, float | None]:
+        """``{set name: answer reward}`` of ``eval.sets`` in ``metrics`` (for summary.json)."""
+        return {name: metrics.get(f"eval/{name}/answer_reward") for name in self.eval_sets}

@@ -12,12 +12,23 @@ The loss is the mean negative log-likelihood per response token of the batch
 (``train.normalize_constant = 0``), or CS336's ``sft_microbatch_loss``: each row's summed
 log-likelihood divided by ``normalize_constant``, averaged over rows.
 
+Chat templates: ``data.template="chat"`` puts each question (GSM8K) or prompt field (JSONL,
+``hf:``) in the tokenizer's chat template with ``data.system_prompt``
+(``jaxalign.data.prompts.build_prompt``) and ends each response with the template's
+end-of-turn token, so the model learns to stop where chat validation stops (``<|im_end|>``).
+The prompt is masked out of the loss (``response_mask``): only the assistant turn trains.
+Length: ``train.steps``, or ``train.epochs`` (with ``train.steps=0``): ceil(epochs * rows /
+batch_size) steps, counted from the rows the pipeline kept, logged, and spanned by the LR
+schedule. ``configs/sft.py:s1`` is the s1 recipe.
+
 ``sft_iterator`` and ``run_sft_steps`` are also what the demo's warm start (GRPO and EI)
 calls.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +41,12 @@ import numpy as np
 
 from jaxalign import evaluation, losses, optim, rundir, sharding
 from jaxalign.config import ConfigError, check, check_micro_batch
+from jaxalign.data import datasets, prompts
+from jaxalign.data.prompts import ChatTemplateError
 from jaxalign.models import build
+from jaxalign.verify import RewardSpecError, resolve_reward
+
+logger = logging.getLogger(__name__)
 
 
 def sft_loss_fn(chunk_size: int = 0, normalize_constant: float = 0.0):
@@ -60,19 +76,31 @@ def sft_loss_fn(chunk_size: int = 0, normalize_constant: float = 0.0):
 # --- data -----------------------------------------------------------------------------
 
 
-def load_pairs(data: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], list[Any]]:
+def load_pairs(data: ml_collections.ConfigDict, tokenizer=None
+               ) -> tuple[list[tuple[str, str]], list[Any]]:
     """``(train pairs, held-out MathExamples)`` for ``data.source``.
 
-    ``gsm8k``: GSM8K train solutions as r1_zero traces, held out from GSM8K test.
+    ``gsm8k``: GSM8K train solutions as traces in ``data.template``'s format (r1_zero, or
+    under ``chat`` boxed answers closed by the end-of-turn token), held out from GSM8K test.
     ``synthetic``: generated arithmetic problems (``jaxalign.data.synthetic``).
-    A ``.jsonl`` path: rows with ``prompt`` and ``response``, both non-empty text
-    (``datasets.load_sft_jsonl``; no held-out set).
+    A ``.jsonl`` path or ``hf:NAME[:CONFIG]`` (split ``data.split``): rows with ``prompt``
+    and ``response`` (other names mapped by ``data.fields``; with ``thinking=F`` the rows
+    are s1-shaped and the response is s1's assistant turn), both non-empty text
+    (``datasets.load_sft_source``; no held-out set). Under ``data.template="chat"`` the
+    prompt field is the user's turn, put in the tokenizer's chat template (system prompt
+    ``data.system_prompt``), and the response ends with the template's end-of-turn text;
+    under any other template the prompt field is the whole prompt, used as written.
+
+    Args:
+        data: the config's ``data`` block.
+        tokenizer: the model's tokenizer (``data.template="chat"`` needs it).
 
     Raises:
         DataError: a bad row, ``"path:line: reason"`` (unless ``data.skip_invalid``), or a
             file with no (valid) rows.
+        ConfigError: ``chat`` without a tokenizer that has a chat template.
     """
-    from jaxalign.data import datasets, synthetic
+    from jaxalign.data import synthetic
 
     if data.source == "synthetic":
         train, held_out = synthetic.split_problems(data.num_train, data.num_eval, data.seed,
@@ -86,12 +114,26 @@ def load_pairs(data: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], 
         if data.num_train:
             train = train[: data.num_train]
         held_out = datasets.load_benchmark("gsm8k", data.data_dir, "test")[: data.num_eval]
-        return [datasets.gsm8k_sft_trace(e, data.template) for e in train], held_out
+        try:
+            return [datasets.gsm8k_sft_trace(e, data.template, tokenizer,
+                                             system_prompt=data.system_prompt)
+                    for e in train], held_out
+        except ChatTemplateError as e:
+            raise ConfigError(f"config.data.template={data.template!r}: {e}") from None
     # Each row checked as the math rows are: bad ones raise DataError("path:line: ...") or,
     # with data.skip_invalid, are skipped and counted in a warning.
-    pairs = datasets.load_sft_jsonl(data.source, skip_invalid=data.skip_invalid)
+    pairs = datasets.load_sft_source(data.source, fields=data.fields, split=data.split,
+                                     skip_invalid=data.skip_invalid)
     if data.num_train:
         pairs = pairs[: data.num_train]
+    if data.template == prompts.CHAT:
+        try:
+            end = prompts.end_of_turn(tokenizer)
+            pairs = [(prompts.build_prompt(prompts.CHAT, p, tokenizer,
+                                           system_prompt=data.system_prompt), r + end)
+                     for p, r in pairs]
+        except ChatTemplateError as e:
+            raise ConfigError(f"config.data.template={data.template!r}: {e}") from None
     return pairs, []
 
 
@@ -142,26 +184,32 @@ def run_sft_steps(trainer, it, *, steps, grad_accum_steps, schedule=None, run=No
 
 
 def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens: int,
-                             context: int, skip: bool, what: str, fix: str) -> list:
+                             context: int, skip: bool, what: str, fix: str,
+                             system_prompt: str | None = None) -> list:
     """The ``MathExample`` questions whose prompt leaves room for ``new_tokens`` generated
     tokens within the model's ``context`` (``max_position_embeddings``).
 
     Checked when the data is loaded, with the tokenizer and model config at hand, so an
     over-long prompt stops the run before anything compiles rather than sampling quietly
     wrong tokens past the context. With ``skip`` (``data.skip_invalid``) they are dropped and
-    counted in a warning instead (``jaxalign.data.tokenize.fit_to_context``).
+    counted in a warning instead (``jaxalign.data.tokenize.fit_to_context``). Prompts are
+    built as validation builds them (``prompts.build_prompt``: ``chat`` with
+    ``system_prompt``, None for its default).
 
     Raises:
         ConfigError: some prompts do not fit and not ``skip``: how many, the longest, the
-            limit and ``fix`` (what to change).
+            limit and ``fix`` (what to change); ``chat`` without a chat template.
     """
-    from jaxalign.data.prompts import format_prompt
     from jaxalign.data.tokenize import fit_to_context
 
     if not questions:
         return []
-    prompts = [format_prompt(template, q.question) for q in questions]
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    try:
+        texts = [prompts.build_prompt(template, q.question, tokenizer,
+                                      system_prompt=system_prompt) for q in questions]
+    except ChatTemplateError as e:
+        raise ConfigError(f"config.data.template={template!r}: {e}") from None
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     names = [q.source or f"row {i}" for i, q in enumerate(questions)]
     try:
         kept = fit_to_context(lengths, new_tokens, context, skip=skip, names=names, what=what,
@@ -173,23 +221,137 @@ def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens:
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
     t = cfg.train
-    check(t.steps >= 1, f"config.train.steps={t.steps} must be >= 1")
+    try:  # the validation reward (a spec, jaxalign.verify.rewards); imports a user module now
+        resolve_reward(cfg.data.reward)
+    except RewardSpecError as e:
+        raise ConfigError(f"config.data.reward={cfg.data.reward!r}: {e}") from None
+    check(t.epochs >= 0, f"config.train.epochs={t.epochs} must be >= 0 (0: train for "
+          "config.train.steps)")
+    if t.epochs > 0:
+        check(t.steps == 0,
+              f"config.train.epochs={t.epochs} and config.train.steps={t.steps} both set the "
+              "run's length: set config.train.steps=0 to train for epochs (steps = ceil(epochs "
+              "* rows / batch_size), counted when the data is loaded), or config.train.epochs=0 "
+              "to train for steps")
+    else:
+        check(t.steps >= 1, f"config.train.steps={t.steps} must be >= 1 (or set "
+              "config.train.epochs > 0 with config.train.steps=0)")
     check_micro_batch(cfg, "train.batch_size", t.batch_size)
     check(list(t.seq_buckets) == sorted(t.seq_buckets) and len(t.seq_buckets) >= 1,
           f"config.train.seq_buckets={tuple(t.seq_buckets)} must be increasing")
     check(t.truncate in ("error", "right", "drop"),
           f"config.train.truncate={t.truncate!r}; choose error, right or drop")
     d = cfg.data
+    check_chat_template_config(cfg)
+    check_eval_sets(cfg)
     if d.source in ("gsm8k",):
         path = Path(d.data_dir) / "gsm8k" / "train.jsonl"
         check(path.exists(), f"config.data.data_dir={d.data_dir!r}: {path} not found (point it at "
               "the folder holding gsm8k/train.jsonl, e.g. ../shared/data)")
     elif d.source != "synthetic":
-        check(Path(d.source).is_file(),
-              f"config.data.source={d.source!r}: not 'gsm8k', 'synthetic' or a JSONL file")
+        check(Path(d.source).is_file() or d.source.startswith(datasets.HF_PREFIX),
+              f"config.data.source={d.source!r}: not 'gsm8k', 'synthetic', a JSONL file or "
+              "hf:NAME[:CONFIG] (a Hugging Face dataset: Hub id or local folder)")
+        # The first row now, not after the model has loaded.
+        try:
+            datasets.check_sft_source(d.source, fields=d.fields, split=d.split,
+                                      skip_invalid=d.skip_invalid)
+        except datasets.DataError as e:
+            hint = "" if isinstance(e, datasets.SourceUnavailable) else (
+                " (other field names: map them with config.data.fields=prompt=F,response=F"
+                "[,thinking=F])")
+            raise ConfigError(f"config.data.source={d.source!r}: {e}{hint}") from None
+        except ValueError as e:
+            raise ConfigError(f"config.data.{e}") from None
+    if d.fields and d.source in ("gsm8k", "synthetic"):
+        raise ConfigError(f"config.data.fields={d.fields!r} maps the fields of a JSONL or hf: "
+                          f"source; data.source={d.source!r} has its own")
 
 
 validate = validate_config
+
+
+def check_chat_template_config(cfg: ml_collections.ConfigDict) -> None:
+    """``data.template="chat"``: a source it can format, a model with a chat template, a
+    reward that reads its answers; ``data.system_prompt`` only with it. SFT, GRPO and EI
+    (their prompts, and the held-out prompts of ``evaluation.validate``, use the same
+    system prompt)."""
+    d = cfg.data
+    check(d.template != prompts.S1,
+          "config.data.template='s1' is eval/evaluate.py's --prompt (the assistant turn opened "
+          "with <|im_start|>think); SFT on s1-shaped rows trains the whole turn: set "
+          "config.data.template=chat and config.data.fields=prompt=question,"
+          "thinking=thinking_trajectories,response=attempt (configs/sft.py:s1)")
+    if d.template != prompts.CHAT:
+        check(d.system_prompt == prompts.CHAT_SYSTEM,
+              f"config.data.system_prompt={d.system_prompt!r} applies to "
+              f"config.data.template='chat' only, and the template is {d.template!r}: set "
+              "config.data.template=chat or leave the system prompt at its default")
+        return
+    check(d.source != "synthetic",
+          "config.data.template='chat' formats GSM8K, JSONL and hf: sources; the synthetic "
+          "traces have their own format: use data.template=" + repr("r1_zero"))
+    check(bool(cfg.model.path),
+          "config.data.template='chat' needs the model tokenizer's chat template, and the "
+          f"random preset model.preset={cfg.model.preset!r} uses the byte tokenizer, which has "
+          "none: set config.model.path to a HF model whose tokenizer has one (e.g. "
+          "Qwen/Qwen2.5-32B-Instruct) or use a plain template (r1_zero, question_only)")
+    check(evaluation.answer_format(d.reward) != "r1_zero",
+          f"config.data.reward={d.reward!r} grades <answer> tags, and chat responses end with "
+          "a \\boxed{} answer (the chat system prompt asks for it): set "
+          "config.data.reward=question_only")
+
+
+def check_eval_sets(cfg: ml_collections.ConfigDict) -> list:
+    """``config.eval.sets`` (every loop's extra validation sets) parsed, each benchmark file
+    present and each JSONL / ``hf:`` set's first row usable; returns the
+    ``datasets.EvalSet``s."""
+    try:
+        eval_sets = datasets.parse_eval_sets(cfg.eval.sets)
+    except ValueError as e:
+        raise ConfigError(f"config.eval.sets={cfg.eval.sets!r}: {e}") from None
+    for s in eval_sets:
+        try:
+            if s.source in datasets.BENCHMARKS:
+                path = Path(cfg.data.data_dir) / s.source / f"{cfg.eval.split}.jsonl"
+                check(path.is_file(), f"config.eval.sets: {s.source} needs {path} (set "
+                      "config.data.data_dir to the folder holding the benchmarks, or "
+                      "config.eval.split)")
+            else:
+                datasets.problem_source_fields(s.source, split=cfg.eval.split)
+        except (datasets.DataError, FileNotFoundError) as e:
+            raise ConfigError(f"config.eval.sets: {s.source}: {e}") from None
+    return eval_sets
+
+
+def load_eval_sets(cfg: ml_collections.ConfigDict) -> dict[str, list]:
+    """``{name: MathExample list}`` of ``config.eval.sets``."""
+    return {s.name: datasets.load_eval_set(s, data_dir=cfg.data.data_dir, split=cfg.eval.split)
+            for s in datasets.parse_eval_sets(cfg.eval.sets)}
+
+
+def train_steps(train: ml_collections.ConfigDict, num_rows: int) -> int:
+    """Optimizer steps of the run: ``train.steps``, or with ``train.epochs > 0``
+    ``ceil(epochs * num_rows / batch_size)`` (logged), so ``optim``'s warm-up ratio and
+    cosine span the epochs.
+
+    Args:
+        train: the config's ``train`` block.
+        num_rows: the training rows the pipeline kept (after ``train.truncate``).
+    """
+    if train.epochs <= 0:
+        return train.steps
+    steps = max(1, math.ceil(train.epochs * num_rows / train.batch_size))
+    _say(f"train.epochs={train.epochs:g} over {num_rows} rows at batch {train.batch_size}: "
+         f"{steps} optimizer steps")
+    return steps
+
+
+def _say(line: str) -> None:
+    """To the log and, on process 0, the console (absl keeps INFO logs off it)."""
+    logger.info(line)
+    if jax.process_index() == 0:
+        print(line)
 
 
 def check_seq_buckets(seq_buckets: Sequence[int], context: int, field: str) -> None:
@@ -208,81 +370,107 @@ def check_seq_buckets(seq_buckets: Sequence[int], context: int, field: str) -> N
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """SFT as configured; returns the summary (also written to ``summary.json``)."""
+    from jaxalign.data.pipeline import describe_cuts
     from jaxalign.optim import make_optimizer
     from jaxalign.rollout import JaxEngine, SamplingParams
     from jaxalign.trainer import Trainer
 
     t0 = time.time()
+    reward = resolve_reward(cfg.data.reward)  # once: validation scores with this callable
     mesh = sharding.mesh_from_config(cfg)
     model, tokenizer = build.build_model_and_tokenizer(cfg.model, mesh)
-    pairs, held_out = load_pairs(cfg.data)
+    pairs, held_out = load_pairs(cfg.data, tokenizer)
     # Before anything compiles: every row and every validation prompt within the context.
     context = model.config.max_position_embeddings
     check_seq_buckets(cfg.train.seq_buckets, context, "train.seq_buckets")
     held_out = fit_questions_to_context(
         held_out[: cfg.eval.num_examples], tokenizer, template=cfg.data.template,
         new_tokens=cfg.eval.max_tokens, context=context, skip=cfg.data.skip_invalid,
-        what="held-out questions",
+        what="held-out questions", system_prompt=cfg.data.system_prompt,
         fix="lower config.eval.max_tokens, use a model with a longer context, or set "
             "config.data.skip_invalid=True to skip these prompts (counted in the log)")
-    tx, schedule = make_optimizer(optim.optim_config(cfg.optim, cfg.train.steps))
+    eval_sets = {
+        name: fit_questions_to_context(
+            examples[: cfg.eval.num_examples], tokenizer, template=cfg.data.template,
+            new_tokens=cfg.eval.max_tokens, context=context, skip=cfg.data.skip_invalid,
+            what=f"eval set {name} (config.eval.sets)", system_prompt=cfg.data.system_prompt,
+            fix="lower config.eval.max_tokens or set config.data.skip_invalid=True")
+        for name, examples in load_eval_sets(cfg).items()}
+    accum = cfg.optim.grad_accum_steps
+    try:
+        it = sft_iterator(pairs, tokenizer, batch_size=cfg.train.batch_size,
+                          grad_accum_steps=accum, seq_buckets=cfg.train.seq_buckets,
+                          seed=cfg.seed, truncate=cfg.train.truncate)
+    except ValueError as e:
+        if cfg.train.truncate != "error":
+            raise
+        raise ConfigError(
+            f"config.train.truncate='error' cuts no row, and {e}: widen config.train."
+            f"seq_buckets (the largest at most max_position_embeddings={context}) or set "
+            "config.train.truncate=drop or right (counted in the log)") from None
+    _say(f"SFT data: {describe_cuts(it.stats)}")
+    # The rows the pipeline kept (truncate="drop" may have dropped some) set an epoch's length.
+    steps = train_steps(cfg.train, it.fingerprint["num_examples"])
+    tx, schedule = make_optimizer(optim.optim_config(cfg.optim, steps))
     trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
                                                     cfg.train.normalize_constant), mesh)
-    accum = cfg.optim.grad_accum_steps
-    it = sft_iterator(pairs, tokenizer, batch_size=cfg.train.batch_size, grad_accum_steps=accum,
-                      seq_buckets=cfg.train.seq_buckets, seed=cfg.seed,
-                      truncate=cfg.train.truncate)
     run_state = rundir.RunState(cfg, run_dir)
     extra = run_state.resume(trainer, {"train": it})
     start = int(extra["step"]) if extra else 0
 
     engine = None
+    # A chat turn ends at the template's end-of-turn token (<|im_end|>); r1_zero at </answer>.
+    stop = evaluation.default_stop(cfg.data.template, cfg.data.reward)
     sampling = SamplingParams(temperature=cfg.eval.temperature, max_tokens=cfg.eval.max_tokens,
-                              stop=("</answer>",), include_stop_str_in_output=True,
+                              stop=stop, include_stop_str_in_output=bool(stop),
                               seed=cfg.seed)
 
     def evaluate(step: int) -> dict[str, float]:
         nonlocal engine
-        if not held_out:
+        if not held_out and not eval_sets:
             return {}
         if engine is None:
             engine = JaxEngine(trainer.model(), tokenizer, mesh,
                                max_batch_size=cfg.eval.batch_size)
         engine.update_weights(trainer.model())
-        metrics, records = evaluation.validate(engine, held_out, template=cfg.data.template,
-                                           reward=cfg.data.reward, sampling=sampling,
-                                           num_workers=cfg.eval.num_workers)
-        rundir.write_generations(run_dir, step, records, cfg.log.num_generations)
-        metrics = {"eval/" + k: v for k, v in metrics.items()}
+        metrics, records = evaluation.validate_all(
+            engine, held_out, eval_sets, template=cfg.data.template, reward=reward,
+            sampling=sampling, num_workers=cfg.eval.num_workers,
+            system_prompt=cfg.data.system_prompt)
+        rundir.write_all_generations(run_dir, step, records, cfg.log.num_generations,
+                                     run_state.logger)
         run_state.log(step, metrics)
         return metrics
 
     eval_before = evaluate(0) if start == 0 and cfg.eval.at_start else {}
 
     def on_step(step: int, iterator) -> None:
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
             evaluate(step)
         run_state.save(step, trainer, {"train": iterator})
 
-    last = run_sft_steps(trainer, it, steps=cfg.train.steps, grad_accum_steps=accum,
+    last = run_sft_steps(trainer, it, steps=steps, grad_accum_steps=accum,
                          schedule=schedule, run=run_state, log_prefix="train/", start=start,
                          progress=cfg.log.progress, on_step=on_step)
-    eval_after = evaluate(cfg.train.steps)
-    run_state.save(cfg.train.steps, trainer, {"train": it}, force=True)
+    eval_after = evaluate(steps)
+    run_state.save(steps, trainer, {"train": it}, force=True)
     if cfg.checkpoint.export_hf:
         rundir.export_hf(trainer.model(), tokenizer, Path(run_dir) / "hf")
     rundir.plot_metrics(run_dir, [("loss", ["train/loss"]), ("entropy", ["train/entropy"]),
-                                  ("held-out reward", ["eval/answer_reward",
-                                                       "eval/format_reward"])])
+                                  ("held-out reward", [
+                                      "eval/answer_reward", "eval/format_reward",
+                                      *[f"eval/{n}/answer_reward" for n in eval_sets]])])
     run_state.close()
     summary = {
         "algorithm": "sft",
-        "steps": cfg.train.steps,
+        "steps": steps,
+        "epochs": steps * cfg.train.batch_size / it.fingerprint["num_examples"],
         "resumed_from": start,
         "final_train_loss": last.get("loss"),
         "eval_before": eval_before.get("eval/answer_reward"),
         "eval_after": eval_after.get("eval/answer_reward"),
         "eval_after_format": eval_after.get("eval/format_reward"),
+        "eval_after_sets": {n: eval_after.get(f"eval/{n}/answer_reward") for n in eval_sets},
         "wall_time_s": round(time.time() - t0, 1),
         "run_dir": str(run_dir),
     }

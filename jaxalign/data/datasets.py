@@ -15,6 +15,8 @@ is a ``DataError`` naming the file: nothing downstream trains on an empty list.
     hub = load_hf_dataset("json", "train", FieldMap(), data_files="my.jsonl")
     problems, fields = load_problems("math_train.jsonl")   # MATH or GSM8K shape, detected
     pairs = load_sft_jsonl("traces.jsonl")                 # {"prompt", "response"} rows
+    s1 = load_sft_source("hf:simplescaling/s1K-1.1",       # s1-shaped: s1's assistant turn
+                         fields="prompt=question,thinking=thinking_trajectories,response=attempt")
 
 The five benchmarks of ``../shared/data/README.md`` and how their fields map are in
 ``BENCHMARKS``: GSM8K's answer is the number after ``####`` (thousands separators
@@ -35,6 +37,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from jaxalign.data import prompts
 from jaxalign.data.prompts import format_prompt
 from jaxalign.verify.extract import extract_boxed
 
@@ -53,6 +56,11 @@ class DataError(ValueError):
         super().__init__(f"{where}: {reason}")
         self.where = where
         self.reason = reason
+
+
+class SourceUnavailable(DataError):
+    """A dataset that cannot be loaded at all (offline, unknown name, config or split): no
+    row was read, so no field mapping can help."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,16 +198,37 @@ def example_from_row(
 
 
 def sft_pair_from_row(
-    row: Any, *, prompt: str = "prompt", response: str = "response"
+    row: Any, *, prompt: str = "prompt", response: str = "response", thinking: str | None = None
 ) -> tuple[str, str]:
     """``(prompt, response)`` of an SFT row; ``ValueError`` says what is wrong.
 
     Both fields are required and must be non-empty text, kept exactly as written
     (whitespace is part of what the model learns). A number or null is not text: coerced,
     ``null`` would train the model to answer ``None``.
+
+    With ``thinking`` the row is shaped like s1K / s1K-1.1 (``question``,
+    ``thinking_trajectories``, ``attempt``): ``response`` names the answer and ``thinking``
+    the reasoning trace, text or a list of texts (s1K's ``thinking_trajectories``; joined
+    with newlines, as s1 does: its lists hold one trace), and the response is s1's
+    assistant turn, ``prompts.s1_response(thinking, answer)``.
     """
     row = _object(row)
-    return _text(row, prompt), _text(row, response)
+    if thinking is None:
+        return _text(row, prompt), _text(row, response)
+    return _text(row, prompt), prompts.s1_response(_trace(row, thinking), _text(row, response))
+
+
+def _trace(row: Mapping[str, Any], field: str) -> str:
+    """A thinking trace: non-empty text, or a non-empty list of texts joined by newlines."""
+    value = row.get(field)
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"field {field!r} is a list, but not a non-empty list of text")
+        value = "\n".join(value)
+        if not value.strip():
+            raise ValueError(f"field {field!r} is empty")
+        return value
+    return _text(row, field)
 
 
 # --- reading: one validator for every source -------------------------------------------
@@ -343,16 +372,309 @@ def load_hf_dataset(
         DataError: a bad row, message ``"name_or_path[split] row i: reason"`` (0-based i);
             a split without (valid) rows, ``"name_or_path[split]: reason"``.
     """
-    import datasets  # slow to import; only this loader needs it
-
-    ds = datasets.load_dataset(name_or_path, split=split, **load_kwargs)
     what = f"{name_or_path}[{split}]"
-    rows = ((f"{what} row {i}", row) for i, row in enumerate(ds))
+    rows = ((f"{what} row {i}", row) for i, row in enumerate(_hf_split(name_or_path, split,
+                                                                        **load_kwargs)))
 
     def parse(row: Any, where: str) -> MathExample:
         return example_from_row(row, fields, source=where, max_chars=max_chars)
 
     return _collect(rows, parse, what=what, skip_invalid=skip_invalid)
+
+
+def _hf_split(name_or_path: str, split: str, **load_kwargs: Any):
+    """One split of a Hugging Face dataset: a Hub name, a folder of data files, or a
+    folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (which
+    ``load_dataset`` does not read)."""
+    import datasets  # slow to import; only the Hugging Face sources need it
+
+    path = os.path.expanduser(name_or_path)
+    saved = any(os.path.isfile(os.path.join(path, f))
+                for f in ("state.json", "dataset_dict.json"))
+    if not saved:
+        return datasets.load_dataset(name_or_path, split=split, **load_kwargs)
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SourceUnavailable(f"{name_or_path}", f"no split {split!r} (splits: "
+                                                       f"{sorted(ds)})")
+        return ds[split]
+    return ds  # a single saved split is the split asked for
+
+
+# --- sources named in a config or on a command line -----------------------------------
+
+HF_PREFIX = "hf:"
+# ``fields=...,parse=NAME``: how an answer field's text becomes the gold answer.
+ANSWER_PARSERS: dict[str, Callable[[str], str | None] | None] = {
+    "none": None, "gsm8k": gsm8k_final_answer, "boxed": extract_boxed,
+}
+FIELDS_GRAMMAR = "question=F,answer=F[,solution=F][,id=F][,parse=none|gsm8k|boxed]"
+
+
+def parse_field_map(spec: str | None) -> FieldMap | None:
+    """A field mapping as a config or command line writes it; ``ValueError`` if malformed.
+
+    ``"question=problem,answer=final,parse=boxed"`` -> ``FieldMap("problem", "final",
+    parse_answer=extract_boxed)``. Empty: None (the fields are read off the first row,
+    ``problem_fields``). Unnamed, question and answer are the fields ``question`` and
+    ``answer``; ``parse`` defaults to none (the answer as written).
+    """
+    if not spec or not spec.strip():
+        return None
+    kwargs: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not value or key not in ("question", "answer", "solution", "id", "parse"):
+            raise ValueError(f"fields {spec!r}: expected {FIELDS_GRAMMAR}")
+        if key in kwargs or (key == "parse" and "parse_answer" in kwargs):
+            raise ValueError(f"fields {spec!r}: {key!r} given twice")
+        if key == "parse":
+            if value not in ANSWER_PARSERS:
+                raise ValueError(f"fields {spec!r}: parse={value!r}; choose "
+                                 f"{', '.join(ANSWER_PARSERS)}")
+            kwargs["parse_answer"] = ANSWER_PARSERS[value]
+        else:
+            kwargs[key] = value
+    return FieldMap(**kwargs)
+
+
+SFT_FIELDS_GRAMMAR = "prompt=F,response=F[,thinking=F]"
+
+
+def parse_sft_field_names(spec: str | None) -> dict[str, str | None]:
+    """``"prompt=F,response=F[,thinking=F]"`` -> ``sft_pair_from_row``'s keyword arguments
+    (empty: ``prompt``, ``response``, no thinking). With ``thinking`` the rows are
+    s1-shaped: ``prompt=question,thinking=thinking_trajectories,response=attempt``."""
+    names: dict[str, str | None] = {"prompt": "prompt", "response": "response", "thinking": None}
+    if spec and spec.strip():
+        given = {}
+        for item in spec.split(","):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or not value or key not in names or key in given:
+                raise ValueError(f"fields {spec!r}: expected {SFT_FIELDS_GRAMMAR} for SFT rows")
+            given[key] = value
+        names.update(given)
+    return names
+
+
+def parse_sft_fields(spec: str | None) -> tuple[str, str]:
+    """``"prompt=F,response=F"`` -> the two field names (empty: ``prompt``, ``response``)."""
+    names = parse_sft_field_names(spec)
+    return names["prompt"], names["response"]
+
+
+def hf_source(spec: str) -> tuple[str, str | None]:
+    """``"hf:NAME[:CONFIG]"`` -> ``(NAME, CONFIG or None)``; NAME is a Hub id or a local
+    folder (data files, or a ``save_to_disk`` dataset)."""
+    name, _, config = spec[len(HF_PREFIX):].partition(":")
+    if not name:
+        raise ValueError(f"{spec!r}: expected hf:NAME[:CONFIG] (a Hub id or a local folder)")
+    return name, config or None
+
+
+def _source_rows(source: str, split: str) -> tuple[str, list[tuple[str, Any]], Callable]:
+    """``(what, [(where, raw row)], decode)`` of a JSONL file or an ``hf:`` dataset.
+
+    Raises:
+        DataError: an ``hf:`` dataset that cannot be loaded (offline, unknown name or split).
+        FileNotFoundError: no such file.
+    """
+    if not source.startswith(HF_PREFIX):
+        return source, _jsonl_rows(source), _json_row
+    name, config = hf_source(source)
+    what = f"{source}[{split}]"
+    try:
+        ds = _hf_split(name, split, **({"name": config} if config else {}))
+    except DataError:
+        raise
+    except Exception as e:  # offline, unknown dataset, config or split: one line, not a trace
+        raise SourceUnavailable(what, f"cannot load the Hugging Face dataset "
+                                      f"({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else e})") from None
+    return what, _HfRows(ds, what), lambda row: row
+
+
+class _HfRows:
+    """``(where, row)`` pairs of a Hugging Face split, read lazily: a config check that
+    needs the first usable row converts only the rows up to it."""
+
+    def __init__(self, ds, what: str):
+        self.ds, self.what = ds, what
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __iter__(self):
+        return ((f"{self.what} row {i}", row) for i, row in enumerate(self.ds))
+
+
+def _first_fields(
+    rows: Sequence[tuple[str, Any]], decode: Callable, what: str, fields: FieldMap | None,
+    skip_invalid: bool,
+) -> FieldMap:
+    """The fields the rows are read with: ``fields``, or ``problem_fields`` of the first
+    row (with ``skip_invalid``, the first usable one); that row must itself be usable."""
+    for where, raw in rows:
+        try:
+            row = decode(raw)
+            found = fields or problem_fields(row)
+            example_from_row(row, found)
+            return found
+        except ValueError as e:
+            if not skip_invalid:
+                raise DataError(where, str(e)) from e
+    if not rows:
+        raise DataError(what, "no rows (empty)")
+    raise DataError(what, f"no valid rows: none of the {len(rows)} has a question and an answer")
+
+
+def problem_source_fields(
+    source: str, *, fields: FieldMap | None = None, split: str = "train",
+    skip_invalid: bool = False,
+) -> FieldMap:
+    """The fields ``load_problem_source`` will read, checked on the first row: a config
+    check calls this before a model is loaded. Raises ``DataError`` as the loader would."""
+    what, rows, decode = _source_rows(source, split)
+    return _first_fields(rows, decode, what, fields, skip_invalid)
+
+
+def load_problem_source(
+    source: str, *, fields: FieldMap | None = None, split: str = "train",
+    skip_invalid: bool = False, max_chars: int | None = None,
+) -> tuple[list[MathExample], FieldMap]:
+    """Training problems from a JSONL file or a Hugging Face dataset (``hf:NAME[:CONFIG]``,
+    split ``split``).
+
+    Args:
+        source: a JSONL path, or ``hf:`` + a Hub id or a local dataset folder.
+        fields: which fields hold question and answer (``parse_field_map``); None reads
+            the MATH or GSM8K shape off the first row (``problem_fields``).
+        split: the split of an ``hf:`` dataset (ignored for files).
+        skip_invalid: skip bad rows (their count is logged) instead of raising.
+        max_chars: rows whose question plus solution exceed this many characters are bad.
+
+    Returns:
+        ``(examples, fields)``; ``describe_fields(fields)`` says which fields were used.
+
+    Raises:
+        DataError: a bad row (unless ``skip_invalid``), naming ``path:line`` or
+            ``hf:NAME[split] row i``; a source without (valid) rows; an ``hf:`` dataset that
+            cannot be loaded.
+        FileNotFoundError: no such file.
+    """
+    what, rows, decode = _source_rows(source, split)
+    found = _first_fields(rows, decode, what, fields, skip_invalid)
+
+    def parse(raw: Any, where: str) -> MathExample:
+        return example_from_row(decode(raw), found, source=where, max_chars=max_chars)
+
+    return _collect(rows, parse, what=what, skip_invalid=skip_invalid), found
+
+
+def check_sft_source(
+    source: str, *, fields: str | None = None, split: str = "train", skip_invalid: bool = False,
+) -> None:
+    """``load_sft_source``'s checks on the first row (the first usable one with
+    ``skip_invalid``), for a config check before a model is loaded. Raises ``DataError``
+    (or ``ValueError`` for a malformed ``fields``)."""
+    names = parse_sft_field_names(fields)
+    what, rows, decode = _source_rows(source, split)
+    for where, raw in rows:
+        try:
+            sft_pair_from_row(decode(raw), **names)
+            return
+        except ValueError as e:
+            if not skip_invalid:
+                raise DataError(where, str(e)) from e
+    wanted = " and ".join(repr(n) for n in names.values() if n)
+    raise DataError(what, "no rows (empty)" if not rows else
+                    f"no valid rows: none of the {len(rows)} has text {wanted}")
+
+
+def load_sft_source(
+    source: str, *, fields: str | None = None, split: str = "train", skip_invalid: bool = False,
+) -> list[tuple[str, str]]:
+    """``(prompt, response)`` pairs from a JSONL file or an ``hf:`` dataset; ``fields``
+    (``"prompt=F,response=F[,thinking=F]"``, ``parse_sft_field_names``) maps other field
+    names, and with ``thinking`` builds s1's assistant turn. Rows are validated as in
+    ``load_sft_jsonl``."""
+    names = parse_sft_field_names(fields)
+    what, rows, decode = _source_rows(source, split)
+    return _collect(
+        rows,
+        lambda raw, where: sft_pair_from_row(decode(raw), **names),
+        what=what,
+        skip_invalid=skip_invalid,
+    )
+
+
+# --- evaluation sets named in a config ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """One validation set of ``eval.sets``: logged as ``eval/<name>/...``.
+
+    Attributes:
+        name: the benchmark name, or a file's stem / an ``hf:`` dataset's name.
+        source: a ``BENCHMARKS`` name, a JSONL path or ``hf:NAME[:CONFIG]``.
+        limit: the first ``limit`` problems (None: all).
+    """
+
+    name: str
+    source: str
+    limit: int | None = None
+
+
+def eval_set_name(source: str) -> str:
+    """The name a set is logged under: ``gsm8k``; ``my_val`` for ``/data/my_val.jsonl``;
+    ``gsm8k_main`` for ``hf:openai/gsm8k:main``."""
+    if source.startswith(HF_PREFIX):
+        name, config = hf_source(source)
+        return os.path.basename(os.path.normpath(name)) + (f"_{config}" if config else "")
+    if source in BENCHMARKS:
+        return source
+    return os.path.splitext(os.path.basename(source))[0]
+
+
+def parse_eval_sets(spec: str) -> list[EvalSet]:
+    """``"gsm8k:64,math500:128,amc23"`` -> one ``EvalSet`` each; ``ValueError`` if malformed.
+
+    Each item is a benchmark name (``BENCHMARKS``), a JSONL path or ``hf:NAME[:CONFIG]``,
+    optionally followed by ``:N``, the first N problems. Names must differ.
+    """
+    sets: list[EvalSet] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        head, sep, tail = item.rpartition(":")
+        limit = None
+        if sep and tail.isdigit() and head and head != HF_PREFIX.rstrip(":"):
+            item, limit = head, int(tail)
+            if limit < 1:
+                raise ValueError(f"eval set {item!r}: the limit :{tail} must be >= 1")
+        if not (item in BENCHMARKS or item.startswith(HF_PREFIX) or item.endswith(".jsonl")):
+            raise ValueError(f"eval set {item!r}: a benchmark ({', '.join(BENCHMARKS)}), a "
+                             ".jsonl file or hf:NAME[:CONFIG], optionally followed by :N")
+        name = eval_set_name(item)
+        if any(s.name == name for s in sets):
+            raise ValueError(f"eval set {item!r}: a second set named {name!r}")
+        sets.append(EvalSet(name, item, limit))
+    return sets
+
+
+def load_eval_set(
+    spec: EvalSet, *, data_dir: str | os.PathLike, split: str = "test"
+) -> list[MathExample]:
+    """The problems of one ``EvalSet``: a benchmark from ``data_dir/<name>/<split>.jsonl``
+    (its own field map), a JSONL file or an ``hf:`` dataset (split ``split``; MATH or GSM8K
+    shape, as ``load_problem_source``). Raises ``DataError`` / ``FileNotFoundError``."""
+    if spec.source in BENCHMARKS:
+        examples = load_benchmark(spec.source, data_dir, split)
+    else:
+        examples, _ = load_problem_source(spec.source, split=split)
+    return examples[: spec.limit] if spec.limit else examples
 
 
 # --- training problems: MATH- or GSM8K-shaped files ------------------------------------
@@ -427,55 +749,17 @@ def describe_fields(fields: FieldMap) -> str:
     return ", ".join(parts)
 
 
-def _first_problem_fields(
-    rows: Sequence[tuple[str, bytes]], what: str, skip_invalid: bool
-) -> FieldMap:
-    """``problem_fields`` of the first row (with ``skip_invalid``, the first usable one)."""
-    for where, raw in rows:
-        try:
-            row = _json_row(raw)
-            fields = problem_fields(row)
-            example_from_row(row, fields)  # the row that decides must itself be usable
-            return fields
-        except ValueError as e:
-            if not skip_invalid:
-                raise DataError(where, str(e)) from e
-    if not rows:
-        raise DataError(what, "no rows (empty)")
-    raise DataError(what, f"no valid rows: none of the {len(rows)} has a question and an answer")
-
-
 def problem_file_fields(path: str | os.PathLike, *, skip_invalid: bool = False) -> FieldMap:
-    """The fields ``load_problems`` will read from a file: a config check reads this before
-    a model is loaded. Raises ``DataError`` as ``load_problems`` does for the first row."""
-    path = os.fspath(path)
-    return _first_problem_fields(_jsonl_rows(path), path, skip_invalid)
+    """The fields ``load_problems`` will read from a file (``problem_source_fields``)."""
+    return problem_source_fields(os.fspath(path), skip_invalid=skip_invalid)
 
 
 def load_problems(
     path: str | os.PathLike, *, skip_invalid: bool = False, max_chars: int | None = None
 ) -> tuple[list[MathExample], FieldMap]:
-    """Training problems from a MATH- or GSM8K-shaped JSONL file: what GRPO and EI read.
-
-    The fields are read off the first row (``problem_fields``; with ``skip_invalid``, the
-    first usable row), then every row is validated with them, as in ``load_jsonl``.
-
-    Returns:
-        ``(examples, fields)``; ``describe_fields(fields)`` says which fields were used.
-
-    Raises:
-        DataError: a first row with no question or answer field, a bad row (unless
-            ``skip_invalid``), or a file without (valid) rows.
-        FileNotFoundError: no such file.
-    """
-    path = os.fspath(path)
-    rows = _jsonl_rows(path)
-    fields = _first_problem_fields(rows, path, skip_invalid)
-
-    def parse(raw: bytes, where: str) -> MathExample:
-        return example_from_row(_json_row(raw), fields, source=where, max_chars=max_chars)
-
-    return _collect(rows, parse, what=path, skip_invalid=skip_invalid), fields
+    """Training problems from a MATH- or GSM8K-shaped JSONL file, the fields read off the
+    first row (``load_problem_source`` with no field map)."""
+    return load_problem_source(os.fspath(path), skip_invalid=skip_invalid, max_chars=max_chars)
 
 
 def load_benchmark(
@@ -505,22 +789,35 @@ def load_benchmark(
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-def gsm8k_sft_trace(example: MathExample, template: str = "r1_zero") -> tuple[str, str]:
-    """A GSM8K training example as an r1_zero SFT pair: the steps think, the number answers.
+def gsm8k_sft_trace(
+    example: MathExample, template: str = "r1_zero", tokenizer=None, *,
+    system_prompt: str | None = None,
+) -> tuple[str, str]:
+    """A GSM8K training example as an SFT pair: the steps think, the number answers.
 
-    ``"A = <<2*3=6>>6.\\n#### 6"`` becomes the response
+    ``"A = <<2*3=6>>6.\\n#### 6"`` becomes the r1_zero response
     ``" A = 6. </think> <answer> 6 </answer>"``, continuing a prompt that ends in ``<think>``
     (as r1_zero's does; for a template that does not, the response opens with ``<think>``).
+    Under the ``chat`` template (``prompts.build_prompt``, whose default system prompt asks
+    for the final answer in ``\\boxed{}``) the response is the steps, then
+    ``"The final answer is $\\boxed{6}$."`` and the template's end-of-turn text
+    (``<|im_end|>`` for Qwen), so the model learns to end its turn: ``"A = 6.\\nThe final
+    answer is $\\boxed{6}$.<|im_end|>"``, graded by the ``question_only`` reward.
 
     Args:
         example: a GSM8K example whose ``solution`` is the original answer text.
-        template: the prompt template's name or text.
+        template: the prompt template's name or text, or ``"chat"``.
+        tokenizer: the model's tokenizer (``chat`` only).
+        system_prompt: ``chat`` only: the system message (None: ``prompts.CHAT_SYSTEM``;
+            ``""``: none).
 
     Returns:
         ``(prompt, response)``.
 
     Raises:
-        ValueError: no solution, no ``####`` in it, or no steps before it.
+        ValueError: no solution, no ``####`` in it, or no steps before it; ``s1`` (its
+            traces come from s1-shaped rows, ``sft_pair_from_row``).
+        ChatTemplateError: ``chat`` without a tokenizer that has a chat template.
     """
     if example.solution is None:
         raise ValueError(f"{example.source}: a GSM8K SFT trace needs the solution text")
@@ -528,6 +825,14 @@ def gsm8k_sft_trace(example: MathExample, template: str = "r1_zero") -> tuple[st
     steps = _CALCULATOR.sub("", steps).strip()
     if not sep or not steps:
         raise ValueError(f"{example.source}: GSM8K solution without steps before '#### N'")
+    if template == prompts.S1:
+        raise ValueError("GSM8K traces have no s1 form: train with template 'chat' on "
+                         "s1-shaped rows (thinking=F in the fields)")
+    if template == prompts.CHAT:
+        prompt = prompts.build_prompt(template, example.question, tokenizer,
+                                      system_prompt=system_prompt)
+        return prompt, (f"{steps}\nThe final answer is $\\boxed{{{example.answer}}}$."
+                        f"{prompts.end_of_turn(tokenizer)}")
     prompt = format_prompt(template, example.question)
     opening = "" if prompt.endswith("<think>") else "<think>"
     return prompt, f"{opening} {steps} </think> <answer> {example.answer} </answer>"

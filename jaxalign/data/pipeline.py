@@ -72,11 +72,14 @@ class BatchIterator(Generic[T]):
     Attributes:
         num_batches: how many batches it yields in all (``sys.maxsize``-ish when endless).
         fingerprint: what a state must match to be restored here (JSON-able).
+        stats: what the data looked like before fitting (SFT: ``rows``, ``longest`` in
+            tokens and ``rows_cut_per_width``, see ``rows_cut_per_width``); ``{}`` if none.
     """
 
     def __init__(self, dataset: grain.MapDataset, fingerprint: dict[str, Any], read_options):
         self.num_batches = len(dataset)
         self.fingerprint = fingerprint
+        self.stats: dict[str, Any] = {}
         self._iterator = iter(dataset.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
 
     def __iter__(self) -> Iterator[T]:
@@ -164,7 +167,8 @@ def make_sft_iterator(
             ``jax.process_count()``.
         truncate: for examples longer than the largest bucket: ``"error"`` (naming them),
             ``"right"`` (cut the response's end) or ``"drop"``; the latter two are logged.
-        append_eos: end each response with the EOS token, so the model learns to stop.
+        append_eos: end each response with the EOS token, so the model learns to stop
+            (unless it already ends with it: a chat turn closed by an EOS end-of-turn).
         sources: names for the examples in messages (e.g. ``[e.source for e in train]``).
         read_options: grain's threading and prefetch settings.
 
@@ -184,10 +188,19 @@ def make_sft_iterator(
     if append_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")
-        response_ids = [r + [tokenizer.eos_token_id] for r in response_ids]
-    prompt_ids, response_ids, _ = fit_to_length(
-        prompt_ids, response_ids, buckets[-1] + 1, truncate, names=_names(sources, len(examples))
-    )
+        eos = tokenizer.eos_token_id
+        # A chat-template response already ends with the end-of-turn token, which is the EOS
+        # of many chat tokenizers (Qwen2.5-Instruct's <|im_end|>): not twice.
+        response_ids = [r if r and r[-1] == eos else r + [eos] for r in response_ids]
+    stats = _row_stats([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)],
+                       buckets, truncate)
+    try:
+        prompt_ids, response_ids, _ = fit_to_length(
+            prompt_ids, response_ids, buckets[-1] + 1, truncate,
+            names=_names(sources, len(examples))
+        )
+    except ValueError as e:  # truncate="error": say which widths would hold every row
+        raise ValueError(f"{e}; {describe_cuts(stats)}") from None
     if not prompt_ids:
         raise ValueError(f"all {len(examples)} examples were dropped as longer than {buckets[-1]}")
     lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
@@ -212,7 +225,9 @@ def make_sft_iterator(
         "num_examples": len(lengths),
         "checksum": _checksum(prompt_ids, response_ids),
     }
-    return BatchIterator(dataset, fingerprint, read_options)
+    iterator = BatchIterator(dataset, fingerprint, read_options)
+    iterator.stats = stats
+    return iterator
 
 
 def make_example_iterator(
@@ -265,6 +280,30 @@ def _names(sources: Sequence[str] | None, n: int) -> list[str]:
     if len(sources) != n:
         raise ValueError(f"{len(sources)} sources for {n} examples")
     return [f"example {i} ({s})" for i, s in enumerate(sources)]
+
+
+def rows_cut_per_width(lengths: Sequence[int], buckets: Sequence[int]) -> dict[int, int]:
+    """How many rows of ``lengths`` tokens (prompt + response + EOS) would not fit each
+    width ``T`` were it the largest bucket (a row of ``L`` tokens fits when ``L <= T + 1``)."""
+    lengths = np.asarray(lengths)
+    return {int(t): int(np.sum(lengths > t + 1)) for t in buckets}
+
+
+def _row_stats(lengths: Sequence[int], buckets: tuple[int, ...], truncate: str) -> dict:
+    """Before the ``truncate`` policy applies: how many rows each width would cut (logged),
+    so a recipe that must cut no row (``truncate="error"``, s1) can pick its widths."""
+    stats = {"rows": len(lengths), "longest": int(max(lengths)),
+             "rows_cut_per_width": rows_cut_per_width(lengths, buckets)}
+    logger.info("SFT data (truncate=%r): %s", truncate, describe_cuts(stats))
+    return stats
+
+
+def describe_cuts(stats: dict) -> str:
+    """``"120 rows, longest 9000 tokens (fits width 8999 and up); rows longer than each
+    width: {4096: 30, 8192: 2}"``."""
+    return (f"{stats['rows']} rows, longest {stats['longest']} tokens (fits width "
+            f"{stats['longest'] - 1} and up); rows longer than each width: "
+            f"{stats['rows_cut_per_width']}")
 
 
 def _log_buckets(lengths: np.ndarray, buckets: tuple[int, ...]) -> None:

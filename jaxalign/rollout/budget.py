@@ -9,7 +9,10 @@ vocabulary are dropped when re-fed: Qwen's embedding has more rows than its toke
 
 Delimiters default to the r1_zero format (thinking ends with ``</think>``; a forced end
 appends `` </think> <answer>``); for Qwen chat templates pass e.g. ``end_think="</think>"``
-and ``force_end="\\n</think>\\n\\n"``.
+and ``force_end="\\n</think>\\n\\n"``; for s1-trained models (prompt ending in
+``<|im_start|>think\\n``, ``eval/evaluate.py --prompt s1``) ``S1_DELIMITERS``:
+
+    BudgetForcing(max_thinking_tokens=8192, num_waits=1, **S1_DELIMITERS)
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ import dataclasses
 from collections.abc import Sequence
 
 from jaxalign.rollout.types import Completion, Prompt, RolloutEngine, SamplingParams
+
+# s1's delimiters (Muennighoff et al. 2025): thinking ends where the answer section opens; a
+# forced end opens it and starts the answer line; a wait is appended as s1 does, bare.
+S1_DELIMITERS = dict(
+    end_think="<|im_start|>answer",
+    force_end="\n<|im_start|>answer\nAnswer:",
+    wait="Wait",
+)
 
 
 @dataclasses.dataclass(frozen=True)

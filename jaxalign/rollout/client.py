@@ -52,14 +52,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxalign.rollout.server import (
+from jaxalign.rollout.types import Completion, Prompt, SamplingParams
+from jaxalign.rollout.wire import (
     TOKEN_ENV,
     checkpoint_checksum,
     completion_from_json,
     default_weights_root,
     params_to_json,
 )
-from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 
 
 class SidecarError(RuntimeError):
@@ -116,6 +116,57 @@ def _derived_seed(seed: int, index: int) -> int:
         return seed
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _visible(value: str | None, count: int) -> set[str]:
+    """The GPUs a ``CUDA_VISIBLE_DEVICES`` value selects (unset: all ``count`` of the host),
+    as written: indices (``"0"``, ``"1"``) or UUIDs (``"GPU-..."``)."""
+    if value is None:
+        return {str(i) for i in range(count)}
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+def gpus_shared_with_sidecars(
+    health: dict[str, dict],
+    *,
+    trainer_visible: str | None,
+    trainer_gpus: int,
+    is_local: Callable[[str], bool],
+) -> list[str]:
+    """One message per sidecar on this host that computes on a GPU the trainer uses too.
+
+    Two processes on one GPU each plan its whole memory (XLA preallocates 75%, vLLM its
+    ``gpu_memory_utilization``): the second one fails to allocate, or both slow to a crawl.
+    Decided from ``CUDA_VISIBLE_DEVICES`` of both (a sidecar reports its own in ``/health``);
+    a sidecar with it unset computes on GPU 0 (vLLM's and JAX's first device). Sidecars on
+    other hosts, on a CPU, from before ``/health`` reported devices, or named by UUID
+    where the trainer names indices (or the reverse) cannot be told apart and pass.
+
+    Args:
+        health: ``/health`` answers by sidecar URL.
+        trainer_visible: the trainer's ``CUDA_VISIBLE_DEVICES`` (None: unset).
+        trainer_gpus: GPUs the trainer's JAX sees (``jax.local_device_count()``).
+        is_local: whether a URL names this host.
+    """
+    mine = _visible(trainer_visible, trainer_gpus)
+    clashes = []
+    for url, h in health.items():
+        if not is_local(url) or h.get("platform") not in ("gpu", "cuda"):
+            continue
+        if "cuda_visible_devices" not in h:
+            continue
+        theirs_value = h["cuda_visible_devices"]
+        theirs = _visible(theirs_value, 1)  # unset: the sidecar's first device, GPU 0
+        if all(v.isdigit() for v in mine) != all(v.isdigit() for v in theirs):
+            continue  # indices against UUIDs: cannot tell
+        shared = sorted(mine & theirs)
+        if shared:
+            clashes.append(
+                f"the sidecar at {url} computes on GPU {','.join(shared)} (its "
+                f"CUDA_VISIBLE_DEVICES={theirs_value or 'unset'}), which this trainer uses too "
+                f"(CUDA_VISIBLE_DEVICES={trainer_visible or f'unset: all {trainer_gpus} GPUs'})"
+            )
+    return clashes
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:

@@ -12,7 +12,8 @@ environment variable, which keeps it out of ``ps``):
 
 ``GET /health``
     ``{"backend", "model", "weights_version", "weights_ok", "busy", "weights_dtype",
-    "max_batch", "max_request_bytes", "max_seq_len", "weights_roots", "served"}``.
+    "max_batch", "max_request_bytes", "max_seq_len", "weights_roots", "served", "pid",
+    "platform", "cuda_visible_devices"}``.
 ``POST /generate``
     ``{"prompts": [str | [int]], "sampling": {SamplingParams fields},
     "expected_weights_version": int | null}`` ->
@@ -51,25 +52,21 @@ deadline passed. vLLM's own refusals (``ValueError`` on 0.10/0.11, ``VLLMValidat
 not a ValueError, on 0.33+) are 400s like ours (``vllm_engine.VllmRequestError``). The
 engine runs one request at a time (a lock); others wait and ``/health`` reports ``busy``.
 
-Wire-format helpers (``params_to_json``, ``completion_from_json``, ``checkpoint_checksum``)
-live here and are shared with ``jaxalign.rollout.client``.
+The wire format (``params_from_json``, ``completion_to_json``, ``checkpoint_checksum``,
+``RequestError``) is ``jaxalign.rollout.wire``, shared with ``jaxalign.rollout.client``.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import dataclasses
-import hashlib
 import hmac
 import http.server
 import json
-import math
 import os
 import signal
 import socket
 import sys
-import tempfile
+import textwrap
 import threading
 import time
 import traceback
@@ -78,9 +75,18 @@ from pathlib import Path
 from typing import Any
 
 from jaxalign.rollout.types import Completion, SamplingParams
+from jaxalign.rollout.wire import (  # noqa: F401  (LISTENING, checksums: part of this API)
+    LISTENING,
+    TOKEN_ENV,
+    RequestError,
+    checkpoint_checksum,
+    completion_from_json,
+    completion_to_json,
+    default_weights_root,
+    params_from_json,
+    params_to_json,
+)
 
-LISTENING = "jaxalign-sidecar listening on "
-TOKEN_ENV = "JAXALIGN_SIDECAR_TOKEN"
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_UPDATE_DEADLINE_S = 600.0
@@ -92,193 +98,6 @@ FATAL_GRACE_S = 1.0
 # data makes the kernel send RST, which can destroy the error response before the client
 # reads it. Bounded, so a huge Content-Length never costs more than this.
 _DISCARD_LIMIT = 8 * 2**20
-
-
-class RequestError(Exception):
-    """An HTTP error answer: status, message, and extra JSON fields."""
-
-    def __init__(self, status: int, message: str, **extra: Any):
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
-
-
-# --- wire format ------------------------------------------------------------------------
-
-# Bounds of what the engines can represent. The JAX engine seeds with ``jax.random.key``,
-# which keeps only the low 32 bits of a seed (without jax_enable_x64): seeds 0 and 2**32
-# would draw the same stream, and 2**64 raises OverflowError deep in the engine. Counts go
-# into int32 scalars (``jnp.int32(top_k)``), which overflow the same way. One limit for
-# both backends, so a request means the same thing whichever serves it.
-SEED_LIMIT = 2**32
-INT32_LIMIT = 2**31
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_finite_number(v: Any) -> bool:
-    """A JSON number that is a real value: not a bool, NaN or +-Infinity (Python's JSON
-    parser accepts those), nor an integer too large for a float."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond float range, e.g. 10**400
-        return False
-
-
-def _is_int32(v: Any) -> bool:
-    return _is_int(v) and -INT32_LIMIT <= v < INT32_LIMIT
-
-
-def _is_seed(v: Any) -> bool:
-    return _is_int(v) and 0 <= v < SEED_LIMIT
-
-
-# How each SamplingParams field is checked on the wire, before ``SamplingParams`` checks the
-# ranges that hold for every engine (n >= 1, top_p in (0, 1], min_tokens <= max_tokens,
-# ...): JSON type, finiteness, and what an engine can represent. Every field has a row;
-# a field added to SamplingParams without one fails the import below instead of slipping
-# through unchecked. (What ``/generate`` also checks, knowing the model: stop token ids
-# below the vocabulary size, rows against --max-batch, prompt + max_tokens against
-# --max-seq-len.)
-_PARAM_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "n": ("an integer (32-bit)", _is_int32),
-    "temperature": ("a number, finite and >= 0 (0 is greedy)", _is_finite_number),
-    "top_p": ("a number in (0, 1]", _is_finite_number),
-    "top_k": ("an integer (32-bit; 0 and -1 turn it off)", _is_int32),
-    "max_tokens": ("an integer (32-bit)", _is_int32),
-    "min_tokens": ("an integer (32-bit)", _is_int32),
-    "stop": (
-        "a string or a list of strings",
-        lambda v: (
-            isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
-        ),
-    ),
-    "include_stop_str_in_output": ("true or false", lambda v: isinstance(v, bool)),
-    "stop_token_ids": (
-        "a list of integers (non-negative token ids)",
-        lambda v: isinstance(v, list) and all(_is_int32(t) and t >= 0 for t in v),
-    ),
-    "seed": ("an integer in [0, 2**32) (the JAX engine's seed range)", _is_seed),
-    "logprobs": ("true or false", lambda v: isinstance(v, bool)),
-}
-_unchecked = {f.name for f in dataclasses.fields(SamplingParams)} ^ set(_PARAM_CHECKS)
-if _unchecked:
-    raise TypeError(
-        f"SamplingParams fields without a row in _PARAM_CHECKS (or stale rows): "
-        f"{sorted(_unchecked)}"
-    )
-
-
-def params_to_json(params: SamplingParams) -> dict:
-    """``SamplingParams`` as a JSON object (tuples become lists)."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()
-    }
-
-
-def params_from_json(obj: Any, *, vocab_size: int | None = None) -> SamplingParams:
-    """Parses and validates the ``sampling`` object of a request, before any engine runs.
-
-    Args:
-        obj: the decoded JSON value (None: the defaults).
-        vocab_size: when given, stop token ids must lie in ``[0, vocab_size)``.
-
-    Raises:
-        RequestError: 400 naming the field, for a non-object, an unknown field, a mistyped,
-            non-finite or out-of-range value (``_PARAM_CHECKS``), a value ``SamplingParams``
-            rejects (its message is passed on), or a stop token id outside the vocabulary.
-    """
-    if obj is None:
-        return SamplingParams()
-    if not isinstance(obj, dict):
-        raise RequestError(400, "'sampling' must be a JSON object of SamplingParams fields")
-    unknown = sorted(set(obj) - set(_PARAM_CHECKS))
-    if unknown:
-        raise RequestError(
-            400, f"unknown sampling field(s) {unknown}; known: {sorted(_PARAM_CHECKS)}"
-        )
-    for name, value in obj.items():
-        what, ok = _PARAM_CHECKS[name]
-        if not ok(value):
-            raise RequestError(400, f"sampling.{name} must be {what}, got {_short(value)}")
-    try:
-        params = SamplingParams(**obj)
-    except ValueError as e:
-        raise RequestError(400, str(e)) from None
-    if vocab_size is not None:
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise RequestError(
-                400, f"sampling.stop_token_ids {bad[:5]} outside the vocabulary [0, {vocab_size})"
-            )
-    return params
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut: an error message should not echo a megabyte of request."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def completion_to_json(c: Completion) -> dict:
-    return dataclasses.asdict(c)
-
-
-def completion_from_json(obj: dict) -> Completion:
-    """The inverse of ``completion_to_json``."""
-    return Completion(**obj)
-
-
-def checkpoint_checksum(path: str | os.PathLike) -> str:
-    """``"sha256:<hex>"`` over the weight files of a checkpoint directory.
-
-    Covers every ``*.safetensors`` file and ``model.safetensors.index.json``: the sha256 of
-    each file's bytes, combined in name order with its name and size. Full content hashes,
-    not (name, size) plus samples, because the failure this guards against is a torn or
-    stale copy (a crash mid-write, a reused directory, an incomplete rsync to another host),
-    which can keep every size and header intact. sha256 runs at ~1.7 GB/s per core here
-    (files are hashed in parallel threads; hashlib releases the GIL): ~0.3 s for a 100M
-    fp32 export, ~2 s for a 1.5B bf16 one (3 GB), next to a reload that reads the same
-    bytes anyway (and then finds them in the page cache).
-
-    Raises:
-        FileNotFoundError: when the directory has no safetensors files.
-    """
-    root = Path(path)
-    files = sorted(root.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no *.safetensors files")
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files.append(index)
-
-    def digest(file: Path) -> str:
-        with open(file, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-
-    with concurrent.futures.ThreadPoolExecutor(min(8, len(files))) as pool:
-        digests = list(pool.map(digest, files))
-    total = hashlib.sha256()
-    for file, d in zip(files, digests, strict=True):
-        total.update(f"{file.name}\t{file.stat().st_size}\t{d}\n".encode())
-    return "sha256:" + total.hexdigest()
-
-
-def default_weights_root() -> Path:
-    """Where a trainer's ``SidecarEngine`` writes its exports unless told otherwise.
-
-    ``/dev/shm`` when it is a writable directory (RAM: no disk I/O), else the system temp
-    directory. The client makes its default export directory under this path and the
-    server allows ``/update_weights`` from it by default, so the usual one-host setup
-    needs no flags on either side.
-    """
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return shm
-    return Path(tempfile.gettempdir())
 
 
 def _within(path: str, root: str) -> bool:
@@ -294,6 +113,7 @@ class _Backend:
 
     engine: Any
     tokenizer: Any
+    platform = "gpu"  # where the engine computes, reported by /health (see devices())
     # Engine errors after which the process cannot serve (the sidecar dies, see the module
     # docstring); none for the JAX backend.
     fatal_errors: tuple[type[BaseException], ...] = ()
@@ -320,6 +140,7 @@ class JaxBackend(_Backend):
     atomic_reload = True
 
     def __init__(self, model_dir: str, *, dtype: str, param_dtype: str, engine_batch: int):
+        import jax
         import jax.numpy as jnp
 
         from jaxalign.models.hf_io import from_pretrained, load_tokenizer
@@ -330,6 +151,7 @@ class JaxBackend(_Backend):
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = JaxEngine(model, self.tokenizer, max_batch_size=engine_batch)
         self.weights_dtype = str(self._param_dtype)
+        self.platform = jax.default_backend()
 
     def reload(self, path: str, version: int, timeout: float) -> None:
         from flax import nnx
@@ -455,6 +277,7 @@ class Sidecar:
         self.lock = threading.Lock()  # one engine call at a time
         self.weights_ok = True
         self.served = {"generate": 0, "update_weights": 0}
+        self._warned_greedy_n = False
         # Why this sidecar can no longer serve (None while it can), and what to call once
         # when it dies (``main`` makes it stop the server and exit FATAL_EXIT_CODE).
         self.fatal: str | None = None
@@ -494,6 +317,10 @@ class Sidecar:
             "weights_roots": self.weights_roots,
             "served": dict(self.served),
             "pid": os.getpid(),
+            # Which accelerators this process computes on, so a trainer on the same host can
+            # refuse to share them (jaxalign.rollout.client.gpus_shared_with_sidecars).
+            "platform": getattr(self.backend, "platform", None),  # None: unknown
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
     def _prompt_ids(self, prompt: Any, i: int) -> list[int]:
@@ -528,6 +355,11 @@ class Sidecar:
         expected = body.get("expected_weights_version")
         if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool)):
             raise RequestError(400, "'expected_weights_version' must be an integer or null")
+        if params.n > 1 and params.temperature == 0 and not self._warned_greedy_n:
+            self._warned_greedy_n = True  # once per process: a trainer may ask every step
+            print(f"sidecar: warning: a request asked for n={params.n} samples at temperature 0: "
+                  "they are n copies of one greedy completion (sample with temperature > 0, or "
+                  "ask for n=1)", file=sys.stderr, flush=True)
         rows = len(prompts) * params.n
         if rows > self.max_batch:
             raise RequestError(
@@ -841,20 +673,69 @@ def _model_limits(model_dir: str) -> tuple[int, int]:
         raise SystemExit(f"{config}: no vocab_size / max_position_embeddings ({e})") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default in ``--help``, except where there is no value to show: a
+    default of None (the help says what happens then) and on/off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # argparse's wrap breaks at hyphens, splitting a flag named in the help (--max-\nlen).
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m jaxalign.rollout.server",
         description="Serve a rollout engine over HTTP (see the module docstring).",
+        formatter_class=_HelpFormatter,
     )
-    ap.add_argument("--backend", choices=("jax", "vllm"), required=True)
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    ap.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
-    ap.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"or ${TOKEN_ENV}")
-    ap.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES)
-    ap.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="rows per request")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
-    ap.add_argument("--max-update-deadline", type=float, default=DEFAULT_UPDATE_DEADLINE_S)
+    ap.add_argument(
+        "--backend",
+        choices=("jax", "vllm"),
+        required=True,
+        help="the engine: the JAX sampler or vLLM",
+    )
+    ap.add_argument(
+        "--model", required=True, metavar="DIR", help="Hugging Face checkpoint directory"
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="bind address")
+    ap.add_argument("--port", type=int, default=0, help="0 picks a free one and prints it")
+    # The token's default is read after parsing, so --help never prints the secret.
+    ap.add_argument(
+        "--token",
+        metavar="SECRET",
+        help=f"bearer token every request must carry (default: ${TOKEN_ENV}; "
+        "neither: no authentication)",
+    )
+    ap.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="largest request body accepted",
+    )
+    ap.add_argument(
+        "--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N", help="rows per request"
+    )
+    ap.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most tokens per row, prompt plus max_tokens (default: the model's "
+        "max_position_embeddings, or vllm's --max-model-len)",
+    )
+    ap.add_argument(
+        "--max-update-deadline",
+        type=float,
+        default=DEFAULT_UPDATE_DEADLINE_S,
+        metavar="SECONDS",
+        help="cap on an /update_weights request's deadline_s",
+    )
     ap.add_argument(
         "--weights-root",
         action="append",
@@ -862,19 +743,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a directory /update_weights may load checkpoints from (repeatable); default: "
         f"{default_weights_root()}, where a trainer's SidecarEngine exports by default",
     )
-    ap.add_argument("--dtype", default="bfloat16", help="compute dtype (vLLM: model dtype)")
-    ap.add_argument("--param-dtype", default="float32", help="jax: parameter dtype")
-    ap.add_argument("--engine-batch", type=int, default=64, help="jax: rows per micro-batch")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
-    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
-    ap.add_argument("--max-model-len", type=int, default=None, help="vllm")
-    ap.add_argument("--seed", type=int, default=0, help="vllm engine seed")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype; vllm: the model dtype")
+    ap.add_argument(
+        "--param-dtype", default="float32", metavar="DTYPE", help="jax: parameter dtype"
+    )
+    ap.add_argument(
+        "--engine-batch", type=int, default=64, metavar="N", help="jax: rows per micro-batch"
+    )
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        metavar="FRACTION",
+        help="vllm: share of GPU memory it may take",
+    )
+    ap.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N", help="vllm: GPUs per engine"
+    )
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="vllm: context length (default: the model's)",
+    )
+    ap.add_argument("--seed", type=int, default=0, metavar="N", help="vllm engine seed")
     ap.add_argument(
         "--vllm-unseeded",
         action="store_true",
         help="vllm: send no per-prompt seed (faster sampler, samples not reproducible)",
     )
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.token is None:
+        args.token = os.environ.get(TOKEN_ENV)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,13 +15,16 @@ time limits and the process pool are ours.
 Modules:
     extract   the r1_zero format rule, ``\\boxed{}``, GSM8K and MMLU answer parsers
     grader    ``grade``: fast path, math-verify, string fallback, the time limit
-    rewards   ``r1_zero_reward_fn``, ``question_only_reward_fn``
+    rewards   ``r1_zero_reward_fn``, ``question_only_reward_fn``; the reward spec a config
+              names (``"r1_zero + 0.1*my_rewards:length_penalty"``), ``resolve_reward``
+              into a picklable ``Reward``
     pool      ``ScoringPool``, ``score_batch``: worker processes with per-item deadlines
 """
 
 from jaxalign.verify.extract import (
     END_OF_TEXT,
     answer_from_r1_zero,
+    answer_from_s1,
     extract_boxed,
     parse_gsm8k_response,
     parse_mmlu_response,
@@ -36,14 +39,27 @@ from jaxalign.verify.grader import (
     warm_up,
 )
 from jaxalign.verify.pool import ScoringPool, score_batch, shared_pool
-from jaxalign.verify.rewards import question_only_reward_fn, r1_zero_reward_fn
+from jaxalign.verify.rewards import (
+    REWARDS,
+    Reward,
+    RewardSpecError,
+    parse_reward_spec,
+    question_only_reward_fn,
+    r1_zero_reward_fn,
+    resolve_reward,
+    s1_reward_fn,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "END_OF_TEXT",
     "GradingTimeout",
+    "REWARDS",
+    "Reward",
+    "RewardSpecError",
     "ScoringPool",
     "answer_from_r1_zero",
+    "answer_from_s1",
     "extract_boxed",
     "grade",
     "grade_with_status",
@@ -51,8 +67,11 @@ __all__ = [
     "parse_gsm8k_response",
     "parse_mmlu_response",
     "parse_r1_zero",
+    "parse_reward_spec",
     "question_only_reward_fn",
     "r1_zero_reward_fn",
+    "resolve_reward",
+    "s1_reward_fn",
     "score_batch",
     "shared_pool",
     "warm_up",

@@ -103,6 +103,33 @@ def answer_from_r1_zero(response: str) -> str | None:
     return boxed.strip() if boxed is not None else inner
 
 
+# s1's answer section (Muennighoff et al. 2025): the assistant turn is
+# "<|im_start|>think\n...<|im_start|>answer\nAnswer: ...<|im_end|>".
+S1_ANSWER_MARK = "<|im_start|>answer"
+_S1_ANSWER_PREFIX = re.compile(r"(?:final\s+)?answer\s*[:：]", re.IGNORECASE)
+
+
+def answer_from_s1(response: str) -> str | None:
+    """The answer to grade in an s1-format response: the text after the last
+    ``<|im_start|>answer`` (without ``<|im_end|>`` and what follows it); there, the last
+    ``\boxed{}`` if it has one, else what follows the last ``Answer:`` up to the end of its
+    line. None when there is no answer section or nothing in it (the format is wrong)."""
+    if not isinstance(response, str):
+        return None
+    head, found, section = response.rpartition(S1_ANSWER_MARK)
+    if not found:
+        return None
+    section = section.split("<|im_end|>", 1)[0]
+    boxed = extract_boxed(section)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    marks = list(_S1_ANSWER_PREFIX.finditer(section))
+    text = section[marks[-1].end():] if marks else section
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    answer = lines[0].rstrip(".").strip().strip("$").strip() if lines else ""
+    return answer or None
+
+
 # "1,234,567.5" as one number (thousands groups), else a plain integer or decimal. The
 # separator form comes first so "1,000" is not read as "1" and "000".
 _GSM8K_NUMBER = re.compile(r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")

@@ -19,7 +19,10 @@ import jax and flax into each grader). Workers are fresh interpreters started wi
 only ``jaxalign.verify``, and talk to the parent over a ``multiprocessing`` connection.
 
 Functions sent to workers must be importable by name (module-level, or a
-``functools.partial`` of one); functions defined in a ``__main__`` script are not.
+``functools.partial`` of one); functions defined in a ``__main__`` script are not. A worker
+imports with the parent's ``sys.path`` (passed in ``JAXALIGN_VERIFY_SYS_PATH``), so a
+function the parent can import by name (a user reward from the run's folder, a module the
+parent put on ``sys.path``) the worker can too.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ _STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import math-verify and w
 # Most text per message. A queued chunk must fit in the socket buffer (~200 KB on Linux) so
 # that sending it to a busy worker never blocks the parent.
 _CHUNK_BYTES = 64 << 10
+# The parent's sys.path, for the worker's imports (os.pathsep-separated).
+SYS_PATH_ENV = "JAXALIGN_VERIFY_SYS_PATH"
 
 
 def _payload_bytes(args: tuple) -> int:
@@ -61,6 +66,9 @@ def _worker_main(fd: int, memory_limit: int | None, warm_up: bool = True) -> Non
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    parent_path = [p for p in os.environ.get(SYS_PATH_ENV, "").split(os.pathsep) if p]
+    # Import as the parent does: its entries in its order, then any of ours it lacks.
+    sys.path[:] = parent_path + [p for p in sys.path if p not in parent_path]
     conn = Connection(fd)
     try:
         if memory_limit:
@@ -121,6 +129,8 @@ class _Worker:
         # Make this checkout of jaxalign importable in the child even if it is not installed.
         package_root = str(pathlib.Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        # Relative entries ('' is the current folder) made absolute, as the parent reads them.
+        env[SYS_PATH_ENV] = os.pathsep.join(os.path.abspath(p) for p in sys.path)
         self.process = subprocess.Popen(
             _worker_command(child.fileno(), memory_limit, warm_up),
             pass_fds=(child.fileno(),),
@@ -253,7 +263,7 @@ class ScoringPool:
             responses: model outputs.
             ground_truths: one per response (a list element means "any of these").
             reward_fn: ``reward_fn(response, ground_truth, timeout=..., **reward_kwargs)``,
-                importable by name, e.g. ``r1_zero_reward_fn``.
+                importable by name, e.g. ``r1_zero_reward_fn``, or a ``Reward``.
             timeout: per-item limit (default: the pool's).
             **reward_kwargs: passed to ``reward_fn`` (``strict_form``, ``format_bonus``).
 
@@ -524,7 +534,8 @@ def score_batch(
         responses: model outputs.
         ground_truths: one per response (a list element means "any of these").
         reward_fn: a module-level reward function, e.g. ``r1_zero_reward_fn`` (default) or
-            ``question_only_reward_fn``.
+            ``question_only_reward_fn``, or a ``Reward`` (``rewards.resolve_reward``: a
+            config's spec, user functions and weighted sums included).
         num_workers: worker processes of the shared pool (None: the number of CPUs). 0 scores
             in this process; the time limit then needs the main thread (elsewhere each call
             is sent to the shared pool anyway).

@@ -34,13 +34,3 @@ def shrink(cfg, tmp_path, **mesh):
         cfg.warmstart.sft_steps = 0
         cfg.engine.max_batch_size = 64
     return cfg
-
-
-def fake_score(responses, answers, reward, num_workers):
-    """Stands in for ``evaluation.score``: a reward a random tiny model can earn (responses
-    with an even number of 'e's), where the real verifier gives 0 everywhere."""
-    out = []
-    for r in responses:
-        ok = float(r.count("e") % 2 == 0)
-        out.append({"reward": ok, "answer_reward": ok, "format_reward": 1.0})
-    return out

@@ -84,8 +84,9 @@ USED = {"math_solution_only": "question<-'problem', answer<-'solution' (last \\b
 def _real_recipe(name, train_file, data_dir, monkeypatch):
     cfg = load_config(name, "qwen2p5_math_1p5b")
     cfg.data.source, cfg.data.train_file, cfg.data.data_dir = "math", str(train_file), str(data_dir)
-    # The real presets target one GPU (as in test_configs): validate them as on one device.
+    # The real presets target one GPU (as in test_configs): validate them as on one GPU.
     monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     return cfg
 
 

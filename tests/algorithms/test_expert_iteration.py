@@ -1,9 +1,11 @@
 """Expert Iteration: selection, fixed-shape SFT batches, one end-to-end iteration."""
 
+import pathlib
+
 import numpy as np
 from cfg_helpers import load_config, shrink
 
-from jaxalign import evaluation, train
+from jaxalign import train
 from jaxalign.algorithms import expert_iteration
 from jaxalign.logging import read_metrics
 
@@ -33,12 +35,11 @@ def test_sft_micro_batches_have_fixed_shape_and_cover_every_row_once_per_epoch()
 
 
 def test_one_expert_iteration_step_keeps_verified_rollouts_and_trains(tmp_path, monkeypatch):
-    def score(responses, answers, reward, num_workers):  # what a tiny random model can earn
-        return [{"reward": float(len(r) % 2 == 0), "answer_reward": float(len(r) % 2 == 0),
-                 "format_reward": 1.0} for r in responses]
-
-    monkeypatch.setattr(evaluation, "score", score)
+    # A user reward a tiny random model can earn (an even number of characters), named in
+    # the config as a user names theirs, with a weighted second term that is only logged.
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "verify"))
     cfg = shrink(load_config("ei"), tmp_path)
+    cfg.data.reward = "my_rewards:even_length + 0*my_rewards:length_penalty"
     cfg.ei.n_ei_steps, cfg.ei.questions_per_step, cfg.ei.group_size = 1, 8, 4
     cfg.ei.batch_size = 8
     summary = train.run(cfg)
@@ -47,3 +48,7 @@ def test_one_expert_iteration_step_keeps_verified_rollouts_and_trains(tmp_path, 
                  if "train/kept_fraction" in r]
     assert 0 < record["train/kept_fraction"] <= 1
     assert record["train/sft_micro_steps"] >= 1 and np.isfinite(record["train/loss"])
+    # kept = answer reward 1 = an even length; both terms logged, the zero-weight one too
+    assert record["train/reward/even_length"] == record["train/answer_reward"]
+    assert record["train/reward"] == record["train/answer_reward"]
+    assert record["train/reward/length_penalty"] < 0

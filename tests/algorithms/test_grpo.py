@@ -1,18 +1,28 @@
-"""GRPO: batch construction, advantages bookkeeping, config checks, end-to-end runs, resume."""
+"""GRPO: batch construction, advantages bookkeeping, config checks, end-to-end runs, resume.
+
+The end-to-end runs score with a user reward a random tiny model can earn, named in the
+config as a user names theirs (``data.reward="my_rewards:even_e"``, the module
+``tests/verify/my_rewards.py`` on the path), where the real verifier gives 0 everywhere.
+"""
 
 import json
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
-from cfg_helpers import fake_score, load_config, shrink
+from cfg_helpers import REPO_ROOT, load_config, shrink
 
-from jaxalign import evaluation, train
+from jaxalign import train
 from jaxalign.algorithms import grpo
 from jaxalign.config import ConfigError
 from jaxalign.logging import read_metrics
 from jaxalign.models import build
 from jaxalign.rollout import Completion
+from jaxalign.verify import resolve_reward
 
 # --- pure pieces --------------------------------------------------------------------------
 
@@ -102,11 +112,51 @@ def test_missing_model_path_is_a_config_error(grpo_config):
         train.validate(grpo_config)
 
 
+@pytest.fixture
+def user_reward(grpo_config, monkeypatch):
+    """Puts ``tests/verify/my_rewards.py`` on the path and scores with ``my_rewards:even_e``
+    (an even number of 'e's: a reward a random tiny model can earn)."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "verify"))
+    grpo_config.data.reward = "my_rewards:even_e"
+    return grpo_config
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("r1", r"config.data.reward='r1': unknown reward 'r1': name a registered reward "
+           r"\(question_only, r1_zero, s1\)"),
+    ("r1_zero + 0.1*no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
+    ("r1_zero +", "cannot read reward spec"),
+])
+def test_bad_reward_specs_are_config_errors(grpo_config, spec, message):
+    grpo_config.data.reward = spec
+    with pytest.raises(ConfigError, match=message):
+        train.validate(grpo_config)
+
+
+def test_cli_resolves_a_user_reward_from_the_run_folder(tmp_path):
+    """``--config.data.reward="r1_zero + 0.1*<module in the current folder>:fn"`` passes the
+    checks; a missing function is one ``config error:`` line."""
+    (tmp_path / "folder_rewards.py").write_text(
+        "def length_penalty(response, ground_truth, *, timeout):\n"
+        "    return -len(response) / 100\n")
+    base = [sys.executable, "-m", "jaxalign.train", "--config", str(REPO_ROOT / "configs/grpo.py"),
+            "--print_config"]
+    ok = subprocess.run(base + ["--config.data.reward=r1_zero + 0.1*folder_rewards:length_penalty"],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["data"]["reward"] == "r1_zero + 0.1*folder_rewards:length_penalty"
+    bad = subprocess.run(base + ["--config.data.reward=r1_zero + 0.1*folder_rewards:nope"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2
+    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("config error:")]
+    assert "has no attribute 'nope'; the functions it defines: length_penalty" in line
+
+
 # --- end to end -----------------------------------------------------------------------------
 
 
-def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
-    monkeypatch.setattr(evaluation, "score", fake_score)
+def test_two_grpo_steps_run_and_write_the_run_dir(user_reward):
+    grpo_config = user_reward
     grpo_config.grpo.loss_type = "grpo_clip"
     grpo_config.grpo.epochs_per_rollout_batch = 2
     summary = train.run(grpo_config)
@@ -126,9 +176,31 @@ def test_two_grpo_steps_run_and_write_the_run_dir(grpo_config, monkeypatch):
     assert os.path.exists(f"{run_dir}/curves.png")
 
 
-def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monkeypatch):
+def test_a_weighted_user_reward_scored_in_workers_logs_each_term(user_reward):
+    """``data.reward`` a weighted sum of user functions, scored in a verifier worker process
+    (which imports ``my_rewards`` by the parent's sys.path): the reward is the weighted sum
+    and each term is logged, in training and in validation."""
+    grpo_config = user_reward
+    grpo_config.data.reward = "my_rewards:even_e - 0.1*my_rewards:length_penalty"
+    grpo_config.eval.num_workers = 1
+    grpo_config.grpo.n_grpo_steps = 1
+    train.run(grpo_config)
+    rows = read_metrics(f"{grpo_config.workdir}/metrics.jsonl")
+    (r,) = [r for r in rows if "train/loss" in r]
+    assert r["train/reward/length_penalty"] < 0 <= r["train/reward/even_e"] <= 1
+    assert r["train/reward"] == pytest.approx(r["train/reward/even_e"]
+                                              - 0.1 * r["train/reward/length_penalty"])
+    evals = [r for r in rows if "eval/reward" in r]
+    assert evals and all({"eval/reward/even_e", "eval/reward/length_penalty"} <= set(e)
+                         for e in evals)
+    generations = [json.loads(line) for line in
+                   open(f"{grpo_config.workdir}/generations.jsonl")]
+    assert all("reward/even_e" in g for g in generations)
+
+
+def test_old_log_probs_are_computed_once_and_equal_the_sampler(user_reward):
     """Old log-probs come from one forward before any update; epochs reuse them."""
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    grpo_config = user_reward
     grpo_config.grpo.loss_type = "grpo_clip"
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
     prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
@@ -147,8 +219,8 @@ def test_old_log_probs_are_computed_once_and_equal_the_sampler(grpo_config, monk
     g.run.close()
 
 
-def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch):
-    monkeypatch.setattr(evaluation, "score", fake_score)
+def test_engine_old_log_probs_turn_on_tis_for_reinforce(user_reward):
+    grpo_config = user_reward
     grpo_config.grpo.old_log_probs = "engine"
     # One update per rollout batch: the policy still equals the sampler, so every weight is 1
     # (after an update the on-policy weight exp(policy - sampler) moves off 1, as documented).
@@ -160,9 +232,9 @@ def test_engine_old_log_probs_turn_on_tis_for_reinforce(grpo_config, monkeypatch
     g.run.close()
 
 
-def test_filters_mask_zero_std_groups_and_truncated(grpo_config, monkeypatch):
-    monkeypatch.setattr(evaluation, "score", lambda r, a, reward, n: [
-        {"reward": 1.0, "answer_reward": 1.0, "format_reward": 1.0} for _ in r])
+def test_filters_mask_zero_std_groups_and_truncated(user_reward):
+    grpo_config = user_reward
+    grpo_config.data.reward = "my_rewards:solved"  # every response right: no signal
     grpo_config.grpo.filter_zero_std_groups = True
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
     prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
@@ -172,8 +244,8 @@ def test_filters_mask_zero_std_groups_and_truncated(grpo_config, monkeypatch):
     g.run.close()
 
 
-def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation, "score", fake_score)
+def test_killed_grpo_run_resumes_with_the_same_data_and_rng(user_reward, tmp_path, monkeypatch):
+    grpo_config = user_reward
     grpo_config.grpo.n_grpo_steps = 4
     grpo_config.checkpoint.save_every = 2
     grpo_config.workdir = str(tmp_path / "straight")
@@ -202,9 +274,9 @@ def test_killed_grpo_run_resumes_with_the_same_data_and_rng(grpo_config, tmp_pat
             assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-6)
 
 
-def test_sharded_grpo_matches_single_device(grpo_config, tmp_path, monkeypatch):
+def test_sharded_grpo_matches_single_device(user_reward, tmp_path, monkeypatch):
     """2 GRPO steps on 8 devices (fsdp 2 x tensor 4) equal a run on one device."""
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    grpo_config = user_reward
     from jaxalign import sharding
 
     results = {}
@@ -236,10 +308,10 @@ def test_shrunk_config_is_valid(grpo_config, tmp_path):
     train.validate(shrink(grpo_config, tmp_path))
 
 
-def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monkeypatch):
+def test_warm_start_runs_once_and_a_resume_skips_it(user_reward, tmp_path):
     """The demo's SFT warm start: logged to warmstart.jsonl, reported in the summary, and not
     repeated when the run resumes (the checkpoint already holds the warm-started policy)."""
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    grpo_config = user_reward
     grpo_config.warmstart.sft_steps, grpo_config.warmstart.batch_size = 4, 8
     grpo_config.warmstart.slip_rate = 0.5
     grpo_config.grpo.n_grpo_steps = 1
@@ -256,19 +328,16 @@ def test_warm_start_runs_once_and_a_resume_skips_it(grpo_config, tmp_path, monke
     assert resumed["eval_before"] == summary["eval_before"]
 
 
-def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(grpo_config, tmp_path,
-                                                                  monkeypatch):
+def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(user_reward, tmp_path):
     """``engine.backend='sidecar'``: weights exported to ``engine.export_dir`` and reloaded
     by a real sidecar process every step; one sidecar samples what the in-process engine
     samples, so the two runs agree step by step."""
-    import subprocess
-    import sys
     import urllib.request
 
     from jaxalign.models import save_pretrained
     from jaxalign.rollout.server import LISTENING
 
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    grpo_config = user_reward
     model, tokenizer = build.build_model_and_tokenizer(grpo_config.model)
     save_pretrained(model, tmp_path / "start", tokenizer=tokenizer)
     grpo_config.workdir = str(tmp_path / "in_process")
@@ -303,3 +372,72 @@ def test_grpo_through_a_jax_sidecar_matches_the_in_process_engine(grpo_config, t
     # start + one sync per step; only the newest export is kept, where the config said
     assert health["weights_version"] == 3
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["v00000003"]
+
+
+def test_several_validation_sets_are_each_logged_under_their_name(user_reward, tmp_path):
+    """``eval.sets``: each set evaluated with the data source's held-out set at every
+    evaluation, logged as ``eval/<name>/*``, in the summary and in generations.jsonl."""
+    grpo_config = user_reward
+    for name, n in (("arith_a", 5), ("arith_b", 3)):
+        rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo_config.eval.sets = f"{tmp_path / 'arith_a.jsonl'}:2, {tmp_path / 'arith_b.jsonl'}"
+    grpo_config.grpo.n_grpo_steps = 1
+    summary = train.run(grpo_config)
+    evals = [r for r in read_metrics(f"{grpo_config.workdir}/metrics.jsonl")
+             if "eval/answer_reward" in r]
+    assert [r["step"] for r in evals] == [0, 1]  # before training and at the last step
+    for r in evals:
+        assert {"eval/arith_a/answer_reward", "eval/arith_b/answer_reward",
+                "eval/arith_a/reward/even_e"} <= set(r)
+    assert set(summary["eval_after_sets"]) == {"arith_a", "arith_b"}
+    assert summary["eval_after_sets"]["arith_a"] == evals[-1]["eval/arith_a/answer_reward"]
+    generations = [json.loads(line) for line in open(f"{grpo_config.workdir}/generations.jsonl")]
+    assert {g.get("set") for g in generations} == {None, "arith_a", "arith_b"}
+    assert len([g for g in generations if g.get("set") == "arith_a"]) == 2 * 2  # :2, twice
+
+
+@pytest.mark.parametrize("sets, message", [
+    ("gsm8k:0", "the limit :0 must be >= 1"),
+    ("gsm8k,gsm8k:4", "a second set named 'gsm8k'"),
+    ("mmlu", "a benchmark (gsm8k, math500"),
+    ("/nowhere/val.jsonl", "config.eval.sets: /nowhere/val.jsonl"),
+])
+def test_bad_validation_sets_are_config_errors(grpo_config, sets, message):
+    grpo_config.eval.sets = sets
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.validate(grpo_config)
+
+
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(user_reward):
+    """DAPO's published dynamic sampling (``max_resample_rounds``): zero-std groups are
+    replaced by further prompts' groups until the batch is full of informative ones; the
+    batch keeps its static size, and when the rounds run out zero-std groups fill in, masked."""
+    grpo_config = user_reward
+    grpo_config.data.reward = "my_rewards:even_answer_or_even_e"
+    grpo_config.grpo.filter_zero_std_groups = True
+    grpo_config.grpo.max_resample_rounds = 6
+    n = grpo_config.grpo.group_size
+    g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
+    calls = []
+    original = g.rollout
+    g.rollout = lambda step, k, attempt=0: calls.append(attempt) or original(step, k, attempt)
+    prompt_ids, completions, scores, metrics = g.rollout_informative(1)
+    assert len(completions) == grpo_config.grpo.rollout_batch_size
+    assert metrics["train/resample_rounds"] >= 1 and calls == list(range(len(calls)))
+    assert metrics["train/informative_groups"] == 1.0
+    rewards = np.array([sc["reward"] for sc in scores]).reshape(-1, n)
+    assert (rewards.max(axis=1) > rewards.min(axis=1)).all()  # every group carries signal
+    batch, batch_metrics = g.make_batch(prompt_ids, completions, scores)
+    assert batch_metrics["train/rows_with_gradient"] == 1.0
+    # No signal anywhere: every round is spent, the batch is all masked zero-std groups.
+    g.reward = resolve_reward("my_rewards:solved")
+    calls.clear()
+    prompt_ids, completions, scores, metrics = g.rollout_informative(2)
+    assert calls == list(range(7)) and metrics["train/resample_rounds"] == 6
+    assert metrics["train/informative_groups"] == 0.0
+    assert len(completions) == grpo_config.grpo.rollout_batch_size
+    g.run.close()
+    grpo_config.grpo.filter_zero_std_groups = False
+    with pytest.raises(ConfigError, match="only with grpo.filter_zero_std_groups=True"):
+        train.validate(grpo_config)

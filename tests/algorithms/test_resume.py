@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from cfg_helpers import REPO_ROOT, fake_score, load_config, shrink
+from cfg_helpers import REPO_ROOT, load_config, shrink
 
-from jaxalign import checkpoint, evaluation, train
+from jaxalign import checkpoint, train
 from jaxalign.algorithms import grpo, sft
 from jaxalign.config import ConfigError
 from jaxalign.data.synthetic import DEMO_TEMPLATE
@@ -78,10 +78,18 @@ def test_a_resume_with_allowed_changes_is_recorded_and_keeps_config_json(tmp_pat
     assert _steps(run_dir / "metrics.jsonl", "train/loss") == [1, 2, 3, 4, 5, 6]
 
 
+def _even_e(cfg, monkeypatch):
+    """Score with ``my_rewards:even_e`` (a reward a random tiny model earns about half the
+    time), the module put on the path as a user's would be."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tests" / "verify"))
+    cfg.data.reward = "my_rewards:even_e"
+    return cfg
+
+
 def test_resumed_grpo_logs_every_step_once(grpo_config, tmp_path, monkeypatch):
     """Killed after logging step 3 (last checkpoint: step 2): step 3 is logged again by the
     resumed run, and only once; the validation samples of step 3 likewise."""
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    _even_e(grpo_config, monkeypatch)
     grpo_config.grpo.n_grpo_steps = 4
     grpo_config.checkpoint.save_every = 2
     grpo_config.eval.every = 1
@@ -109,7 +117,7 @@ def test_resumed_grpo_logs_every_step_once(grpo_config, tmp_path, monkeypatch):
 
 def test_a_warm_start_killed_half_way_resumes_from_its_checkpoint(grpo_config, tmp_path,
                                                                    monkeypatch):
-    monkeypatch.setattr(evaluation, "score", fake_score)
+    _even_e(grpo_config, monkeypatch)
     w = grpo_config.warmstart
     w.sft_steps, w.batch_size, w.slip_rate, w.save_every = 6, 8, 0.5, 2
     grpo_config.grpo.n_grpo_steps = 1
@@ -151,8 +159,7 @@ def test_a_warm_start_killed_half_way_resumes_from_its_checkpoint(grpo_config, t
 
 def test_a_resumed_expert_iteration_run_keeps_its_warm_start_in_the_summary(tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(evaluation, "score", fake_score)
-    cfg = shrink(load_config("ei"), tmp_path)
+    cfg = _even_e(shrink(load_config("ei"), tmp_path), monkeypatch)
     cfg.ei.n_ei_steps, cfg.ei.questions_per_step, cfg.ei.group_size, cfg.ei.batch_size = (
         2, 8, 4, 8)
     cfg.warmstart.sft_steps, cfg.warmstart.batch_size = 2, 8

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -216,3 +217,129 @@ def test_a_remote_workdir_gets_the_logs_at_every_checkpoint(tmp_path, monkeypatc
     train.run(cfg)
     steps = [r["step"] for r in read_metrics(bucket / "run" / "metrics.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# --- training length in epochs, chat templates, the s1 recipe ----------------------------
+
+
+def test_epochs_set_the_steps_and_conflicts_are_refused(tmp_path):
+    import ml_collections
+
+    t = ml_collections.ConfigDict(dict(steps=0, epochs=5.0, batch_size=16))
+    assert sft.train_steps(t, 1000) == 313  # ceil(5 * 1000 / 16): s1K at s1's batch
+    t.epochs = 0.5
+    assert sft.train_steps(t, 10) == 1
+    t.steps, t.epochs = 7, 0.0
+    assert sft.train_steps(t, 1000) == 7
+    cfg = _sft_config(tmp_path)
+    cfg.train.epochs = 2.0  # steps=30 still set: which one is meant?
+    with pytest.raises(ConfigError, match=r"config.train.epochs=2.0 and config.train.steps=30 "
+                       r"both set the run's length: set config.train.steps=0"):
+        train.validate(cfg)
+    cfg.train.steps = 0
+    train.validate(cfg)
+    cfg.train.epochs = -1.0
+    with pytest.raises(ConfigError, match="config.train.epochs=-1.0 must be >= 0"):
+        train.validate(cfg)
+    cfg.train.epochs = 0.0
+    with pytest.raises(ConfigError, match="or set config.train.epochs > 0"):
+        train.validate(cfg)
+
+
+def test_chat_template_config_errors(tmp_path, shared_data):
+    cfg = shrink(load_config("sft"), tmp_path)
+    cfg.data.data_dir = str(shared_data)
+    cfg.data.template, cfg.data.reward = "chat", "question_only"
+    # the tiny preset's byte tokenizer has no chat template: refused before anything loads
+    with pytest.raises(ConfigError, match="needs the model tokenizer's chat template, and the "
+                       "random preset model.preset='tiny' uses the byte tokenizer"):
+        train.validate(cfg)
+    cfg.model.preset, cfg.model.path = "", "Qwen/Qwen2.5-32B-Instruct"
+    train.validate(cfg)
+    cfg.data.reward = "r1_zero"
+    with pytest.raises(ConfigError, match="set config.data.reward=question_only"):
+        train.validate(cfg)
+    # any system prompt: validation builds its prompts with the same one
+    cfg.data.reward, cfg.data.system_prompt = "question_only", ""
+    train.validate(cfg)
+    cfg.data.template = "s1"
+    with pytest.raises(ConfigError, match="set config.data.template=chat and config.data.fields"):
+        train.validate(cfg)
+    cfg.data.template = "r1_zero"
+    with pytest.raises(ConfigError, match="config.data.system_prompt='' applies to "
+                       "config.data.template='chat' only"):
+        train.validate(cfg)
+
+
+S1_ROWS = [
+    {"question": f"What is {a} + {b}?",
+     "thinking_trajectories": [f"We add {a} and {b}. " * 3 + f"That makes {a + b}."],
+     "attempt": f"The answer is $\\boxed{{{a + b}}}$."}
+    for a, b in [(2, 3), (4, 4), (10, 7), (6, 1), (9, 9), (3, 8)]
+]
+
+
+def _s1_dataset(tmp_path):
+    """Six s1K-shaped rows as a ``Dataset.save_to_disk`` folder (s1K is a Hub dataset)."""
+    hf = pytest.importorskip("datasets")
+    folder = tmp_path / "s1k"
+    hf.Dataset.from_list(S1_ROWS).save_to_disk(str(folder))
+    return f"hf:{folder}"
+
+
+def test_s1_preset_holds_the_papers_settings_and_validates(tmp_path, monkeypatch):
+    cfg = load_config("sft", "s1")
+    assert cfg.model.path == "Qwen/Qwen2.5-32B-Instruct" and cfg.model.preset == ""
+    assert (cfg.optim.lr, cfg.optim.lr_min, cfg.optim.warmup_ratio, cfg.optim.schedule) == (
+        1e-5, 0.0, 0.05, "cosine")
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay) == (0.9, 0.95, 1e-4)
+    assert (cfg.train.epochs, cfg.train.steps, cfg.train.batch_size) == (5.0, 0, 16)
+    assert cfg.train.truncate == "error" and max(cfg.train.seq_buckets) == 32768
+    assert (cfg.data.template, cfg.data.system_prompt) == ("chat", "")
+    assert cfg.data.fields == "prompt=question,thinking=thinking_trajectories,response=attempt"
+    # s1K is on the Hub; here a local folder of s1K-shaped rows stands in. The preset targets
+    # GPUs (cuDNN attention): validate it as on one.
+    cfg.data.source = _s1_dataset(tmp_path)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    train.validate(cfg)
+    cfg.data.fields = "prompt=question,thinking=thinking,response=attempt"
+    with pytest.raises(ConfigError, match="missing field 'thinking'"):
+        train.validate(cfg)
+
+
+@pytest.mark.slow
+def test_s1_preset_trains_for_its_epochs_on_the_qwen_stand_in(
+        tmp_path, qwen2p5_math_2layer_dir, capsys):
+    """The s1 preset end to end on the cut-down Qwen2.5 model, its tokenizer given Qwen2.5's
+    chat template: s1-shaped rows, chat template, steps from epochs, no row cut."""
+    from chat_tokenizer import with_chat_template
+
+    model_dir = with_chat_template(qwen2p5_math_2layer_dir, tmp_path / "model")
+    cfg = load_config("sft", "s1")
+    cfg.workdir = str(tmp_path / "run")
+    cfg.data.source = _s1_dataset(tmp_path)
+    cfg.model.path = str(model_dir)
+    cfg.model.dtype = cfg.model.param_dtype = "float32"
+    cfg.model.attention_impl, cfg.model.remat = "xla", "none"
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    cfg.train.loss_chunk_size = 128
+    cfg.train.batch_size, cfg.train.epochs = 4, 1.0  # 6 rows: ceil(1 * 6 / 4) = 2 steps
+    cfg.train.seq_buckets = (64,)  # rows are ~110 tokens: truncate='error' names the cuts
+    cfg.log.wandb_mode, cfg.log.progress = "disabled", False
+    cfg.checkpoint.async_save, cfg.checkpoint.export_hf = False, False
+    train.validate(cfg)
+    with pytest.raises(ConfigError, match=r"config.train.truncate='error' cuts no row, .*6 rows, "
+                       r"longest \d+ tokens .*rows longer than each width: \{64: 6\}"):
+        train.run(cfg)
+    cfg.train.seq_buckets = (128, 256)
+    summary = train.run(cfg)
+    assert summary["steps"] == 2 and summary["epochs"] == pytest.approx(8 / 6)
+    out = capsys.readouterr().out
+    assert "train.epochs=1 over 6 rows at batch 4: 2 optimizer steps" in out
+    assert "rows longer than each width: {128: 0, 256: 0}" in out
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    # The schedule spans the 2 steps: warm-up (5% of 2 rounds to 0 steps), cosine to 0.
+    assert records[0]["train/lr"] == pytest.approx(1e-5) and records[1]["train/lr"] < 1e-5
+    assert np.isfinite(summary["final_train_loss"])

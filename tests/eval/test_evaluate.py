@@ -4,6 +4,7 @@ responses scored by hand, resuming, run directories, and the errors a user can h
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import optax
@@ -383,7 +384,7 @@ def test_clear_errors_for_inputs(ev, tiny_dir, tmp_path, data):
     fails("bad.jsonl:1: index 40 is not a row of amc23", "--responses", str(bad), *data)
     # These need the model loaded (no generation).
     fails("--engine vllm needs vLLM", *model, "--engine", "vllm", "--benchmarks", "amc23")
-    fails("the chat prompt needs a tokenizer with a chat template", *model, "--prompt", "chat",
+    fails("the 'chat' prompt needs a tokenizer with a chat template", *model, "--prompt", "chat",
           "--benchmarks", "amc23")
 
 
@@ -395,3 +396,23 @@ def test_command_line_exit_code_and_message(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error: --model" in proc.stderr and "no such directory" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
+
+
+def test_a_reward_spec_scores_saved_responses_and_a_bad_one_is_one_line(
+    ev, tmp_path, data, monkeypatch
+):
+    """``--reward`` takes training's reward specs: the weighted sum's total and each term."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "verify"))  # my_rewards
+    responses = _write_jsonl(tmp_path / "responses.jsonl", CANNED[:5])
+    _run(ev, tmp_path / "out", "--responses", str(responses), "--num-workers", "1",
+         "--no-progress", "--reward", "r1_zero - 0.5*my_rewards:length_penalty",
+         "--benchmarks", "gsm8k", *data)
+    rows = _lines(tmp_path / "out" / "samples" / "gsm8k.jsonl")
+    for row, canned in zip(rows, CANNED[:5], strict=True):
+        penalty = -len(canned["response"]) / 100
+        assert row["reward/length_penalty"] == pytest.approx(penalty)
+        assert row["reward"] == pytest.approx(row["reward/r1_zero"] - 0.5 * penalty)
+    assert [r["answer_reward"] for r in rows] == [1.0, 1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ev.EvalError, match=r"--reward 'no_such_module:fn': .*PYTHONPATH"):
+        _run(ev, tmp_path / "out2", "--responses", str(responses), "--reward",
+             "no_such_module:fn", *data)

@@ -382,6 +382,15 @@ def _fake_sidecar(backend, **kwargs) -> Sidecar:
     return Sidecar(backend, model="m", **{**limits, **kwargs})
 
 
+def test_greedy_n_above_one_warns_once(capsys):
+    sidecar = _fake_sidecar(_RecordingBackend())
+    for _ in range(2):
+        sidecar.generate({"prompts": [[1, 2]], "sampling": {"n": 3, "temperature": 0.0}})
+    sidecar.generate({"prompts": [[1, 2]], "sampling": {"n": 3, "temperature": 0.7}})
+    err = capsys.readouterr().err
+    assert err.count("n=3 samples at temperature 0: they are n copies") == 1
+
+
 def test_bad_sampling_never_reaches_the_engine():
     backend = _RecordingBackend()
     sidecar = _fake_sidecar(backend)
@@ -478,6 +487,31 @@ def test_default_weights_root_is_where_the_client_exports():
         _fake_sidecar(_FakeInPlaceBackend(), weights_roots=[])
 
 
+
+def test_help_shows_defaults_but_never_the_token(monkeypatch, capsys):
+    from jaxalign.rollout import server
+
+    monkeypatch.setenv("COLUMNS", "300")  # no wrapping inside a flag's help
+    monkeypatch.setenv(server.TOKEN_ENV, "s3cret-from-env")
+    with pytest.raises(SystemExit) as info:
+        server.parse_args(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "s3cret-from-env" not in text  # the token is read after parsing
+    for flag, default in [("--host", "127.0.0.1"), ("--port", 0),
+                          ("--max-request-bytes", server.DEFAULT_MAX_REQUEST_BYTES),
+                          ("--max-batch", server.DEFAULT_MAX_BATCH),
+                          ("--max-update-deadline", server.DEFAULT_UPDATE_DEADLINE_S),
+                          ("--dtype", "bfloat16"), ("--engine-batch", 64), ("--seed", 0)]:
+        assert f"(default: {default})" in text.split(f"  {flag} ", 1)[1].split("\n  -")[0], flag
+    assert "(default: None)" not in text and "(default: False)" not in text
+    # The environment still supplies the token, and --token still wins over it.
+    argv = ["--backend", "jax", "--model", "m"]
+    assert server.parse_args(argv).token == "s3cret-from-env"
+    assert server.parse_args([*argv, "--token", "t"]).token == "t"
+    monkeypatch.delenv(server.TOKEN_ENV)
+    assert server.parse_args(argv).token is None
+
 def test_jax_backend_late_reload_keeps_the_old_weights(dirs, sidecars):
     del sidecars  # requested only so that they boot while this runs
     backend = JaxBackend(str(dirs["m0"]), dtype="float32", param_dtype="float32", engine_batch=8)
@@ -506,6 +540,8 @@ def test_health_and_generation_match_in_process_engine(sidecars, reference):
     assert status == 200
     assert health["backend"] == "jax" and health["busy"] is False
     assert health["max_batch"] == MAX_BATCH and health["weights_ok"] is True
+    # where it computes, for a trainer on the same host (client.gpus_shared_with_sidecars)
+    assert health["platform"] == "cpu" and "cuda_visible_devices" in health
     # B takes the whole batch in one request, so even sampling reproduces JaxEngine (A
     # would cut it in two, and the second request gets its own seed).
     client = _client(b.url)

@@ -1,4 +1,5 @@
-"""The vLLM sidecar's own environment: ``launch/vllm_env.sh`` and ``sidecar.sh --vllm-env``.
+"""The vLLM sidecar's own environment: ``launch/vllm_env.sh`` and ``sidecar.sh --vllm-env``;
+and the ``--help`` of every launcher (they share ``lib.sh``'s ``header_help``).
 
 Dry runs only (a real install is GBs; ``launch/vllm_env.sh --check`` is the real test).
 """
@@ -9,6 +10,8 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
@@ -36,6 +39,22 @@ def test_vllm_env_parses_has_help_and_prints_its_python():
     out = _run("vllm_env.sh", "--dry-run").stdout.splitlines()
     assert "vllm==0.33.0" in out[1] and "transformers<5" not in out[1]  # the default
 
+
+
+@pytest.mark.parametrize("script", ["sidecar.sh", "vllm_env.sh", "gpu_nodes.sh", "tpu_pod.sh"])
+def test_help_is_the_header_comment_and_nothing_else(script):
+    """``--help`` prints the comment block at the top, read to its end (``lib.sh``'s
+    ``header_help``), not a fixed line range: that once went stale and printed
+    ``set -euo pipefail`` after the usage text."""
+    lines = (LAUNCH / script).read_text().splitlines()
+    header = []
+    for line in lines[1:]:  # after the #! line
+        if not line.startswith("#"):
+            break
+        header.append(line[2:] if line.startswith("# ") else line[1:])
+    shown = _run(script, "--help").stdout.splitlines()
+    assert shown == header
+    assert not any(line.lstrip().startswith(("set -", "usage()", "source ")) for line in shown)
 
 def test_the_default_vllm_is_in_the_supported_range():
     from packaging.specifiers import SpecifierSet

@@ -208,7 +208,7 @@ def test_timeout_in_the_main_thread_scores_false_and_says_so():
     start = time.monotonic()
     assert grade_with_status(SLOW, "5", timeout=0.3) == (False, True)
     assert grade(SLOW, "5", timeout=0.3) is False
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # unbounded without the limit; slack for load
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # nothing left armed
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
 
@@ -227,7 +227,7 @@ def test_time_limit_survives_a_swallowed_timeout():
             except BaseException:  # a library that swallows everything
                 pass
             spin(5)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 3.0  # 5 s if the swallowed timeout never re-fired
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 

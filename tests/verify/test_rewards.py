@@ -161,3 +161,22 @@ def test_timeout_scores_zero_and_is_flagged():
     result = r1_zero_reward_fn(r1("10^{10^{10^{10}}}"), "5", timeout=0.3)
     assert result == dict(WRONG, timed_out=True)
     assert "timed_out" not in r1_zero_reward_fn(r1("5"), "5")
+
+
+def test_s1_answers_are_read_after_the_answer_delimiter():
+    """s1's format: ``<|im_start|>think ... <|im_start|>answer\\nAnswer: X<|im_end|>``; a
+    forced end of thinking (budget forcing) writes the same delimiter."""
+    from jaxalign.verify import answer_from_s1, s1_reward_fn
+
+    turn = "<|im_start|>think\nso 6*7 is 42. Answer: 41?\n<|im_start|>answer\nAnswer: 42<|im_end|>"
+    assert answer_from_s1(turn) == "42"  # the answer section, not the thinking's "Answer:"
+    assert answer_from_s1("x<|im_start|>answer\nAnswer: $\\frac{1}{2}$.\nbecause...") == (
+        "\\frac{1}{2}")
+    assert answer_from_s1("x<|im_start|>answer\nThe area is \\boxed{12} square units.") == "12"
+    assert answer_from_s1("x<|im_start|>answer\n7") == "7"  # no "Answer:": the section
+    assert answer_from_s1("thinking that never ends") is None
+    assert answer_from_s1("x<|im_start|>answer\n  <|im_end|>") is None
+    assert s1_reward_fn(turn, "42") == {"format_reward": 1.0, "answer_reward": 1.0,
+                                        "reward": 1.0}
+    assert s1_reward_fn(turn, "41")["answer_reward"] == 0.0
+    assert s1_reward_fn("no answer section", "42")["format_reward"] == 0.0
