@@ -56,7 +56,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +73,7 @@ from jaxalign.data.datasets import (
     parse_field_map,
 )
 from jaxalign.data.prompts import TEMPLATE_NAMES
+from jaxalign.rollout.server import HelpFormatter
 from jaxalign.verify import DEFAULT_TIMEOUT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -121,20 +121,6 @@ class EvalConfig:
     grading_timeout: float = DEFAULT_TIMEOUT
     progress: bool = True
     plots: bool = True
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default in ``--help``, except where there is no value to show: a
-    default of None (the help says what happens then) and on/off switches."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-    def _split_lines(self, text: str, width: int) -> list[str]:
-        # argparse's wrap breaks at hyphens, splitting a flag named in the help (--max-\nlen).
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class UnderscoreAliasParser(argparse.ArgumentParser):

@@ -5,7 +5,11 @@ import importlib.util
 import pathlib
 import sys
 
+import jax
+import pytest
+
 from jaxalign import train
+from jaxalign.config import ConfigError
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_timing.py"
 _spec = importlib.util.spec_from_file_location("benchmarks_grpo_timing", _PATH)
@@ -14,9 +18,12 @@ sys.modules[_spec.name] = grpo_timing
 _spec.loader.exec_module(grpo_timing)
 
 
-def test_the_1p5b_preset_validates_with_the_qwen_shape(tmp_path):
+def test_the_1p5b_preset_validates_with_the_qwen_shape(tmp_path, monkeypatch):
     args = argparse.Namespace(preset="1p5b", steps=10, max_tokens=0, workdir="")
     cfg = grpo_timing.build_config(args, str(tmp_path))
+    with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+        train.validate(cfg)  # on this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as on the GPU it targets
     train.validate(cfg)
     assert cfg.model.arch.hidden_size == 1536 and cfg.model.arch.num_hidden_layers == 28
     assert cfg.sampling.max_tokens == 512 and cfg.warmstart.sft_steps == 0

@@ -673,9 +673,10 @@ def _model_limits(model_dir: str) -> tuple[int, int]:
         raise SystemExit(f"{config}: no vocab_size / max_position_embeddings ({e})") from None
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default in ``--help``, except where there is no value to show: a
-    default of None (the help says what happens then) and on/off switches."""
+    default of None (the help says what happens then) and on/off switches. Also the eval
+    script's (``eval/evaluate.py``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.nargs == 0:
@@ -691,7 +692,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m jaxalign.rollout.server",
         description="Serve a rollout engine over HTTP (see the module docstring).",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument(
         "--backend",

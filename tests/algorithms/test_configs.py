@@ -54,10 +54,11 @@ def test_presets_load_and_validate(name, preset, shared_data, monkeypatch, tmp_p
     train.validate(cfg)
 
 
-def test_cudnn_attention_off_a_gpu_is_refused_with_the_fix(monkeypatch):
+def test_cudnn_attention_off_a_gpu_is_refused_with_the_fix(monkeypatch, shared_data):
     """The 1.5B presets set attention_impl=cudnn; on a CPU or TPU that must fail at config
     time, naming the field and the value that works, not deep inside XLA."""
     cfg = load_config("sft", "qwen2p5_math_1p5b")
+    cfg.data.data_dir = str(shared_data)
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     for platform in ("cpu", "tpu"):
         monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
