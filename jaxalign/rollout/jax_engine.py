@@ -232,33 +232,67 @@ class JaxEngine:
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, keys: list[tuple[int, int]]
     ) -> list[Completion]:
+        """One static-shape batch: pack the prompts, prefill, decode until every row is
+        done, unpack the rows into ``Completion``s.
+
+        Args:
+            prompts: token ids of each row's prompt (at most ``max_batch_size`` rows).
+            keys: each row's random stream, ``(seed, row id)``.
+        """
+        ids, mask = self._pack(prompts)
+        carry = self._prefill_rows(ids, mask, keys, len(prompts), params.max_tokens)
+        carry, stop_info = self._decode_rows(carry, params, len(prompts))
+        return self._unpack(carry, prompts, params, stop_info)
+
+    def _pack(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask)``, both ``[B, P]``: the prompts left-padded to ``P`` (a power of
+        two, >= 16) in ``B`` rows (a power of two); filler rows hold one dummy token so
+        that every row is well-defined."""
         b = _next_pow2(len(prompts))
         p = _next_pow2(max(len(x) for x in prompts), minimum=16)
-        m = params.max_tokens
         ids = np.full((b, p), self.pad_token_id, np.int32)
         mask = np.zeros((b, p), np.bool_)
         for r, x in enumerate(prompts):
             ids[r, p - len(x) :] = x
             mask[r, p - len(x) :] = True
-        mask[len(prompts) :, -1] = True  # filler rows: one dummy token so they are well-defined
-        self.shapes_seen.add((b, p, m))
+        mask[len(prompts) :, -1] = True
+        return ids, mask
 
-        # Filler rows are done from the start: any stream will do for them.
-        keys = keys + [(0, r) for r in range(len(prompts), b)]
+    def _prefill_rows(self, ids: np.ndarray, mask: np.ndarray, keys: list[tuple[int, int]],
+                      n_rows: int, max_tokens: int):
+        """The prefill's decode state for a packed batch; rows past ``n_rows`` (filler)
+        are done from the start, so any stream will do for them."""
+        b, p = ids.shape
+        self.shapes_seen.add((b, p, max_tokens))
+        keys = keys + [(0, r) for r in range(n_rows, b)]
         seeds_of_rows = np.asarray([s for s, _ in keys], np.uint32)
         ids_of_rows = np.asarray([r for _, r in keys], np.uint32)
         done = np.zeros((b,), np.bool_)
-        done[len(prompts) :] = True
-        carry = self._prefill(
+        done[n_rows:] = True
+        return self._prefill(
             self.state,
             self._shard_batch(ids),
             self._shard_batch(mask),
             self._shard_batch(seeds_of_rows),
             self._shard_batch(ids_of_rows),
             self._shard_batch(done),
-            max_tokens=m,
+            max_tokens=max_tokens,
             pad_id=self.pad_token_id,
         )
+
+    def _decode_rows(self, carry, params: SamplingParams, n_rows: int):
+        """Decodes until every row is done or ``max_tokens`` are sampled.
+
+        Without stop strings: one jitted call for all of ``max_tokens`` (rows stop on
+        device at EOS / stop token ids). With them: chunks of ``decode_chunk`` steps, after
+        each of which the host looks for a completed stop string (``_find_stop``) and marks
+        those rows done.
+
+        Returns:
+            ``(carry, stop_info)``: the final state and, per row stopped by a string,
+            ``(tokens kept, the stop string, end of its text)``.
+        """
+        m = params.max_tokens
         stop_ids = jnp.asarray(self.eos_token_ids + params.stop_token_ids or (-1,), jnp.int32)
         scalars = (
             jnp.float32(max(params.temperature, 1e-6)),
@@ -273,7 +307,7 @@ class JaxEngine:
             use_top_p=params.top_p < 1.0,
         )
         chunk = self.decode_chunk if params.stop else m
-        stop_info: dict[int, tuple[int, str, int]] = {}  # row -> (length, stop, text end)
+        stop_info: dict[int, tuple[int, str, int]] = {}
         step = 0
         while step < m:
             end = min(step + chunk, m)
@@ -282,7 +316,7 @@ class JaxEngine:
             done = np.array(carry.done)  # a writable copy
             if params.stop:
                 tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
-                for r in range(len(prompts)):
+                for r in range(n_rows):
                     if r in stop_info or lengths[r] < max(params.min_tokens, 1):
                         continue
                     hit = self._find_stop(tokens[r, : lengths[r]], params)
@@ -292,7 +326,12 @@ class JaxEngine:
                 carry = carry.replace(done=jnp.asarray(done))
             if done.all():
                 break
+        return carry, stop_info
 
+    def _unpack(self, carry, prompts: list[list[int]], params: SamplingParams,
+                stop_info: dict[int, tuple[int, str, int]]) -> list[Completion]:
+        """Each real row of the final state as a ``Completion``: its tokens up to its
+        length (or its stop string), why it finished, its text and log-probs."""
         tokens, logprobs = np.asarray(carry.tokens), np.asarray(carry.logprobs)
         lengths = np.asarray(carry.lengths)
         completions = []
@@ -310,11 +349,8 @@ class JaxEngine:
             tok = tokens[r, :n_tok].tolist()
             text = None
             if self.tokenizer is not None:
-                text_tokens = (
-                    tok[:-1]
-                    if reason == "stop" and stop_reason is not None and isinstance(stop_reason, int)
-                    else tok
-                )
+                # a stop token id ends the row but is not part of its text
+                text_tokens = tok[:-1] if isinstance(stop_reason, int) else tok
                 text = self.tokenizer.decode(text_tokens, skip_special_tokens=False)
                 if text_end is not None:
                     text = text[:text_end]
