@@ -69,7 +69,13 @@ class _QuietOrbaxErrors(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if "orbax" in record.pathname:
+            return False
+        # asyncio's "Task exception was never retrieved" for a write of that failed save,
+        # logged whenever the garbage collector reaches the task: the same error again.
+        return not (record.name == "asyncio" and "orbax" in record.getMessage())
 
 
 _QUIET = _QuietOrbaxErrors()
@@ -140,7 +146,8 @@ class Checkpointer:
         self.save_every = save_every
         self._pending: int | None = None  # the step of an asynchronous save in flight
         self._failed = False
-        for name in ("absl", "orbax"):  # (absl routes orbax's absl.logging calls here)
+        # (absl routes orbax's absl.logging calls to "absl"; asyncio logs orphaned tasks)
+        for name in ("absl", "orbax", "asyncio"):
             if _QUIET not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_QUIET)
         _install_quiet_hooks()
