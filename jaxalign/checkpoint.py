@@ -15,6 +15,8 @@ parameters of that step; ``jaxalign.models.save_pretrained`` writes the HF direc
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import shutil
@@ -23,9 +25,14 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath  # local paths and gs:// alike
+from flax import nnx
 
 from jaxalign import storage
+from jaxalign.models import save_pretrained
 from jaxalign.models.build import build_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -291,8 +298,6 @@ class Checkpointer:
 
 def checkpoint_steps(run_dir: str | os.PathLike, name: str = "checkpoints") -> list[int]:
     """The steps saved under ``run_dir/<name>`` (ascending; empty if none)."""
-    from etils import epath  # local paths and gs:// alike
-
     directory = epath.Path(run_dir) / name
     if not directory.is_dir():
         return []
@@ -318,12 +323,6 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     Raises:
         ValueError: not a run directory, no checkpoint, or no checkpoint at ``step``.
     """
-    import json
-
-    import ml_collections
-    from etils import epath  # a local run directory or a gs:// workdir
-    from flax import nnx
-
 
     run_dir = str(run_dir) if storage.is_remote(str(run_dir)) else os.path.abspath(run_dir)
     config_path = epath.Path(run_dir) / "config.json"
@@ -358,9 +357,6 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
 
 def main(argv=None) -> None:
     """``python -m jaxalign.checkpoint export RUN_DIR [--step N] --out DIR [--dtype bfloat16]``."""
-    import argparse
-    import sys
-
     ap = argparse.ArgumentParser(prog="python -m jaxalign.checkpoint",
                                  description="Export a training run's checkpoint as a HF "
                                  "directory (transformers and vLLM load it).")
@@ -372,15 +368,11 @@ def main(argv=None) -> None:
     ex.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                     help="dtype of the written weights (default: as trained)")
     args = ap.parse_args(argv)
-    from jaxalign.models import save_pretrained
-
     try:
         model, tokenizer, step = restore_policy(args.run_dir, args.step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    import jax.numpy as jnp
-
     save_pretrained(model, args.out, tokenizer=tokenizer,
                     dtype=None if args.dtype is None else jnp.dtype(args.dtype))
     print(f"wrote step {step} of {args.run_dir} to {args.out}")

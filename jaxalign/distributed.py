@@ -28,6 +28,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
@@ -102,8 +104,6 @@ def allgather_objects(obj: Any) -> list[Any]:
     """
     if jax.process_count() == 1:
         return [obj]
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size)))  # [P]
     padded = np.zeros(int(sizes.max()), np.uint8)
@@ -149,8 +149,6 @@ def check_shared_directory(path: str | os.PathLike) -> None:
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole array as numpy on every process (a collective for multi-host arrays)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -165,8 +163,6 @@ def local_replica(tree: Any) -> Any:
     leaves = jax.tree.leaves(tree)
     if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
         return tree
-    from jax.sharding import NamedSharding, PartitionSpec
-
     def replicated(x):
         return NamedSharding(x.sharding.mesh, PartitionSpec())
 

@@ -305,6 +305,7 @@ def generate_seeded(
                        "a call of its own (the samples are right, but problems are not "
                        "batched together, which is slower)", type(engine).__name__)
     if budget is not None:
+        # lazy: this module never imports jax (module docstring)
         from jaxalign.rollout.budget import generate_with_budget
 
         if tokenizer is None:
@@ -370,7 +371,7 @@ def rollout_and_score(
     elif budget is None:
         outs = engine.generate(prompts, sampling)
     else:
-        from jaxalign.rollout.budget import generate_with_budget
+        from jaxalign.rollout.budget import generate_with_budget  # lazy, as above
 
         if tokenizer is None:
             raise ValueError("budget forcing needs the model's tokenizer")

@@ -375,10 +375,34 @@ def compute_group_normalized_rewards(
     if any("reward" not in s for s in scores):
         raise ValueError("reward_fn must return a dict with a 'reward' key")
     raw = np.asarray([s["reward"] for s in scores], dtype=np.float32)
+    advantages, metadata = group_advantages(raw, group_size, advantage_eps, normalize_by_std)
+    for key in ("format_reward", "answer_reward"):
+        if all(key in s for s in scores):
+            metadata[f"{key}_mean"] = float(np.mean([s[key] for s in scores]))
+    return advantages, raw, metadata
+
+
+def group_advantages(
+    raw_rewards: np.ndarray,
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """``group_normalize`` on host rewards that are already scored, with their statistics.
+
+    Args:
+        raw_rewards: ``[N]`` rewards, group-major (G consecutive per prompt).
+        group_size, advantage_eps, normalize_by_std: see ``group_normalize``.
+
+    Returns:
+        ``(advantages[N] float32, metadata)``: ``reward_mean``, ``reward_std`` (population
+        std over all N), ``reward_max``, ``reward_min``, and ``frac_reward_zero_std``: the
+        fraction of groups whose rewards are all equal (zero advantage, no signal).
+    """
+    raw = np.asarray(raw_rewards, dtype=np.float32)
     advantages = np.asarray(
         _group_normalize_jit(raw, group_size, advantage_eps, normalize_by_std), dtype=np.float32
     )
-
     grouped = raw.reshape(-1, group_size)  # shape already validated by group_normalize
     metadata = {
         "reward_mean": float(raw.mean()),
@@ -387,10 +411,7 @@ def compute_group_normalized_rewards(
         "reward_min": float(raw.min()),
         "frac_reward_zero_std": float(np.mean(grouped.max(axis=1) == grouped.min(axis=1))),
     }
-    for key in ("format_reward", "answer_reward"):
-        if all(key in s for s in scores):
-            metadata[f"{key}_mean"] = float(np.mean([s[key] for s in scores]))
-    return advantages, raw, metadata
+    return advantages, metadata
 
 
 # --- per-token policy-gradient losses ---------------------------------------------------

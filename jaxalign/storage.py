@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import jax
+from etils import epath  # local paths and gs:// alike (orbax depends on it)
 
 # Where the files of a run with a remote (gs://) workdir live until they are copied up.
 STAGING_ENV = "JAXALIGN_STAGING_DIR"
@@ -46,8 +47,6 @@ def copy_tree(src, dst, skip: tuple[str, ...] = ("checkpoints",), *,
     Returns:
         The number of files copied.
     """
-    from etils import epath
-
     src, dst = epath.Path(src), epath.Path(dst)
     if not src.exists():
         return 0

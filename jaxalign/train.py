@@ -29,6 +29,9 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from jaxalign import cli, distributed, rundir, storage
 from jaxalign.checkpoint import CheckpointError, checkpoint_steps
@@ -114,9 +117,6 @@ def run(cfg: ml_collections.ConfigDict, overridden: tuple[str, ...] = ()) -> dic
 
 def main(argv):
     del argv
-    from absl import flags
-    from absl import logging as absl_logging
-
     cfg = flags.FLAGS.config
     # orbax and grain narrate every save at INFO; keep the console for progress and results.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -129,8 +129,6 @@ def main(argv):
         sys.exit(2)
     if flags.FLAGS.print_config:
         sys.exit(print_config(cfg))
-    from ml_collections import config_flags
-
     overridden = tuple(config_flags.get_override_values(flags.FLAGS["config"]))
     try:
         summary = run(cfg, overridden)
@@ -172,8 +170,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     ``--config.train.foo=1`` would otherwise end a long traceback with
     ``AttributeError: "'foo'"``: unknown fields are named with the closest real ones.
     """
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except SystemExit:
@@ -184,9 +180,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file(
         "config", None, "a configs/<algo>.py file (':preset' selects a preset); override any "
         "field with --config.<block>.<field>=value (--print_config lists them)", lock_config=True

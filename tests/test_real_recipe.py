@@ -261,19 +261,19 @@ def spy_on_rollouts(monkeypatch):
     credits the first sample of each group with answer reward 1 (a random policy earns 0
     everywhere), so GRPO has nonzero advantages and Expert Iteration keeps rows to train on.
     Everything else (prompts, sampling, stop strings, the verifier itself) is the real path."""
-    from jaxalign.algorithms import rollouts
+    from jaxalign.algorithms import policy_run
 
     seen = []
-    real_rollout = rollouts.PolicyRun.rollout
+    real_rollout = policy_run.PolicyRun.rollout
 
     def rollout(self, step, n):
-        prompt_ids, completions, scores, questions = real_rollout(self, step, n)
-        seen.append((questions, completions, [dict(s) for s in scores]))
-        credited = [dict(s, reward=1.0, answer_reward=1.0) if i % n == 0 else s
-                    for i, s in enumerate(scores)]
-        return prompt_ids, completions, credited, questions
+        r = real_rollout(self, step, n)
+        seen.append((r.questions, r.completions, [dict(s) for s in r.scores]))
+        r.scores = [dict(s, reward=1.0, answer_reward=1.0) if i % n == 0 else s
+                    for i, s in enumerate(r.scores)]
+        return r
 
-    monkeypatch.setattr(rollouts.PolicyRun, "rollout", rollout)
+    monkeypatch.setattr(policy_run.PolicyRun, "rollout", rollout)
     return seen
 
 

@@ -4,7 +4,7 @@
     python -m jaxalign.train --config configs/dpo.py \\
         --config.data.source=jsonl --config.data.train_file=prefs.jsonl
 
-One step, top to bottom (``run``)::
+One step, top to bottom (``DPO.step``)::
 
     batch of pairs (both responses padded to one bucketed width)
     -> reference log-probs: one forward of the frozen starting policy, no gradients
@@ -29,9 +29,9 @@ Departures and choices:
   ``logp_accuracy`` (the policy itself gives the chosen response the higher probability:
   what a sampler follows), with the loss and the mean chosen/rejected rewards.
 
-Checkpoints, resume and the run directory are SFT's (``jaxalign.rundir.RunState``): a
-restart with the same workdir continues at the step after the last checkpoint, with the
-same parameters, optimizer state and data order.
+Checkpoints, resume and the run directory are every algorithm's
+(``jaxalign.algorithms.driver``): a restart with the same workdir continues at the step
+after the last checkpoint, with the same parameters, optimizer state and data order.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from jaxalign import losses, optim, rundir, sharding
 from jaxalign.algorithms import sft
+from jaxalign.algorithms.driver import Algorithm, drive
 from jaxalign.config import ConfigError, check, check_micro_batch, mesh_sizes
 from jaxalign.data import preferences, synthetic
 from jaxalign.data.preferences import PreferencePair
@@ -201,8 +201,14 @@ def make_pair_log_prob_fn(graphdef, chunk_size: int = 0, mesh=None):
 # --- the loop ---------------------------------------------------------------------------
 
 
-class DPO:
+class DPO(Algorithm):
     """The policy, its frozen reference, the data and the run directory of a DPO run."""
+
+    name, title = "dpo", "DPO"
+    eval_key = "reward_accuracy"
+    table_rows = (("preference accuracy (implicit reward)", "reward_accuracy"),
+                  ("preference accuracy (policy log-prob)", "logp_accuracy"),
+                  ("DPO loss", "loss"))
 
     def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -233,6 +239,7 @@ class DPO:
               "(config.train.batch_size / optim.grad_accum_steps)")
         self.tokenizer = tokenizer
 
+        self.steps = t.steps
         tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, t.steps))
         self.trainer = Trainer.create(model, tx, dpo_loss_fn(cfg.dpo.beta, t.loss_chunk_size),
                                       self.mesh)
@@ -257,7 +264,7 @@ class DPO:
         lo = 0 if global_batch else jax.process_index() * n  # rows in process order
         return tuple(to_host(x)[lo : lo + n] for x in out)
 
-    def step(self) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, float]:
         """One optimizer step: ``grad_accum_steps`` micro-batches, each with its reference."""
         t0 = time.perf_counter()
         results, ref_time, tokens = [], 0.0, 0
@@ -298,6 +305,41 @@ class DPO:
         self.run.log(step, metrics)
         return metrics
 
+    # --- the driver's hooks (jaxalign.algorithms.driver) -----------------------------------
+
+    def iterators(self) -> dict[str, Any]:
+        return {"train": self.it}
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}",
+                "acc": f"{metrics['train/reward_accuracy']:.2f}"}
+
+    def panels(self) -> list[tuple[str, list[str]]]:
+        return [
+            ("loss", ["train/loss", "eval/loss"]),
+            ("preference accuracy", ["train/reward_accuracy", "eval/reward_accuracy",
+                                     "eval/logp_accuracy"]),
+            ("implicit rewards", ["train/chosen_reward", "train/rejected_reward",
+                                  "train/reward_margin"]),
+        ]
+
+    def held_out_label(self) -> str:
+        return f"held-out pairs (n={len(self.held_out) if self.held_out is not None else 0})"
+
+    def summary(self, eval_before: dict, eval_after: dict, last: dict) -> dict[str, Any]:
+        return {
+            "beta": self.cfg.dpo.beta,
+            "num_train_pairs": len(self.train_data),
+            "num_eval_pairs": len(self.held_out) if self.held_out is not None else 0,
+            "final_train_loss": last.get("train/loss"),
+            "final_train_reward_accuracy": last.get("train/reward_accuracy"),
+            "eval_before_logp_accuracy": eval_before.get("eval/logp_accuracy"),
+            "eval_after_logp_accuracy": eval_after.get("eval/logp_accuracy"),
+            "eval_before_loss": eval_before.get("eval/loss"),
+            "eval_after_loss": eval_after.get("eval/loss"),
+            "eval_after_reward_margin": eval_after.get("eval/reward_margin"),
+        }
+
     def _eval_batches(self):
         """Held-out batches of ``eval.batch_size`` pairs (the last one padded with copies of
         its first pair, dropped again by ``_concat``), each with its real row count."""
@@ -319,88 +361,4 @@ class DPO:
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """DPO as configured; returns the summary (also written to ``summary.json``)."""
-    t0 = time.time()
-    dpo = DPO(cfg, run_dir)
-    t = cfg.train
-    extra = dpo.run.resume(dpo.trainer, {"train": dpo.it})
-    start = int(extra["step"]) if extra else 0
-    if extra:
-        eval_before = extra.get("eval_before", {})
-    else:
-        eval_before = dpo.evaluate(0)
-    if jax.process_index() == 0 and eval_before:
-        print(f"held-out preference accuracy before DPO: reward "
-              f"{eval_before['eval/reward_accuracy']:.3f}, log-prob "
-              f"{eval_before['eval/logp_accuracy']:.3f}")
-
-    bar = tqdm(range(start + 1, t.steps + 1), desc="dpo", initial=start, total=t.steps,
-               disable=not (cfg.log.progress and jax.process_index() == 0))
-    last: dict[str, float] = {}
-    eval_after: dict[str, float] = {}
-    for step in bar:
-        last = dpo.step()
-        dpo.run.log(step, last)
-        bar.set_postfix(loss=f"{last['train/loss']:.3f}",
-                        acc=f"{last['train/reward_accuracy']:.2f}")
-        if step == t.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-            eval_after = dpo.evaluate(step)
-        dpo.run.save(step, dpo.trainer, {"train": dpo.it}, force=step == t.steps,
-                     eval_before=eval_before)
-    if not eval_after and start >= t.steps:  # restarted after the end: report it again
-        eval_after = dpo.evaluate(t.steps)
-    if cfg.checkpoint.export_hf:
-        rundir.export_hf(dpo.trainer.model(), dpo.tokenizer, Path(run_dir) / "hf")
-    rundir.plot_metrics(run_dir, [
-        ("loss", ["train/loss", "eval/loss"]),
-        ("preference accuracy", ["train/reward_accuracy", "eval/reward_accuracy",
-                                 "eval/logp_accuracy"]),
-        ("implicit rewards", ["train/chosen_reward", "train/rejected_reward",
-                              "train/reward_margin"]),
-    ])
-    dpo.run.close()
-
-    def get(metrics: dict, key: str):
-        return metrics.get(f"eval/{key}")
-
-    summary = {
-        "algorithm": "dpo",
-        "steps": t.steps,
-        "resumed_from": start,
-        "beta": cfg.dpo.beta,
-        "num_train_pairs": len(dpo.train_data),
-        "num_eval_pairs": len(dpo.held_out) if dpo.held_out is not None else 0,
-        "final_train_loss": last.get("train/loss"),
-        "final_train_reward_accuracy": last.get("train/reward_accuracy"),
-        "eval_before": get(eval_before, "reward_accuracy"),
-        "eval_after": get(eval_after, "reward_accuracy"),
-        "eval_before_logp_accuracy": get(eval_before, "logp_accuracy"),
-        "eval_after_logp_accuracy": get(eval_after, "logp_accuracy"),
-        "eval_before_loss": get(eval_before, "loss"),
-        "eval_after_loss": get(eval_after, "loss"),
-        "eval_after_reward_margin": get(eval_after, "reward_margin"),
-        "wall_time_s": round(time.time() - t0, 1),
-        "run_dir": str(run_dir),
-    }
-    rundir.write_summary(run_dir, summary)
-    if jax.process_index() == 0:
-        print_table(summary)
-    return summary
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    """The before/after table a person reads at the end of a run."""
-
-    def fmt(x):
-        return "-" if x is None else f"{x:.3f}"
-
-    print()
-    print(f"| held-out pairs (n={summary['num_eval_pairs']}) | before DPO | after DPO |")
-    print("|---|---|---|")
-    print(f"| preference accuracy (implicit reward) | {fmt(summary['eval_before'])} | "
-          f"{fmt(summary['eval_after'])} |")
-    print(f"| preference accuracy (policy log-prob) | "
-          f"{fmt(summary['eval_before_logp_accuracy'])} | "
-          f"{fmt(summary['eval_after_logp_accuracy'])} |")
-    print(f"| DPO loss | {fmt(summary['eval_before_loss'])} | {fmt(summary['eval_after_loss'])} |")
-    print(f"DPO steps: {summary['steps']} (beta {summary['beta']}), wall time "
-          f"{summary['wall_time_s']} s, run dir {summary['run_dir']}")
+    return drive(DPO(cfg, run_dir))

@@ -33,9 +33,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxalign import evaluation, optim, rundir
-from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+from jaxalign import evaluation, optim
+from jaxalign.algorithms import sft
+from jaxalign.algorithms.driver import drive
+from jaxalign.algorithms.policy_run import PolicyRun, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
+from jaxalign.data.tokenize import collate_prompt_and_output
+from jaxalign.optim import make_optimizer
+from jaxalign.trainer import Trainer
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -90,8 +95,6 @@ def sft_micro_batches(prompt_ids, response_ids, *, micro_batch: int, pad_id: int
     so every micro-batch has ``micro_batch`` rows; the width is one multiple of
     ``width_multiple`` for the whole call.
     """
-    from jaxalign.data.tokenize import collate_prompt_and_output
-
     n = len(prompt_ids)
     longest = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
     width = -(-(longest - 1) // width_multiple) * width_multiple
@@ -113,13 +116,14 @@ def sft_micro_batches(prompt_ids, response_ids, *, micro_batch: int, pad_id: int
 
 
 class ExpertIteration(PolicyRun):
-    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
-        from jaxalign.algorithms import sft
-        from jaxalign.optim import make_optimizer
-        from jaxalign.trainer import Trainer
+    """An Expert Iteration run: the shared policy/engine/data set-up plus SFT on the kept."""
 
+    name, title, steps_key = "expert_iteration", "Expert Iteration", "ei_steps"
+
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
         e = cfg.ei
         super().__init__(cfg, run_dir, prompts_per_step=e.questions_per_step)
+        self.steps = e.n_ei_steps
         # Optimizer steps are not known in advance (they depend on what is kept): the
         # schedule spans an upper bound, every rollout kept.
         upper = e.n_ei_steps * e.sft_epochs * -(-e.questions_per_step * e.group_size
@@ -130,10 +134,10 @@ class ExpertIteration(PolicyRun):
         self.start_engine(self.trainer.model())
 
     def step(self, step: int) -> dict[str, float]:
+        """Sample, keep the verified, fine-tune on their token ids, push the weights."""
         e = self.cfg.ei
-        t0 = time.perf_counter()
-        prompt_ids, completions, scores, questions = self.rollout(step, e.group_size)
-        t_rollout = time.perf_counter() - t0
+        rollouts = self.rollout(step, e.group_size)
+        completions, scores = rollouts.completions, rollouts.scores
         key = "answer_reward" if e.keep == "answer" else "reward"
         kept = select_correct([i // e.group_size for i in range(len(completions))],
                               [c.text for c in completions], [s[key] for s in scores],
@@ -143,83 +147,47 @@ class ExpertIteration(PolicyRun):
             "train/answer_reward": float(np.mean([s["answer_reward"] for s in scores])),
             "train/format_reward": float(np.mean([s["format_reward"] for s in scores])),
             "train/kept_fraction": len(kept) / len(completions),
-            "train/questions_solved": len({i // e.group_size for i in kept}) / len(questions),
+            "train/questions_solved": len({i // e.group_size for i in kept})
+            / len(rollouts.questions),
             "train/response_length": float(np.mean([len(c.token_ids) for c in completions])),
-            "time/rollout_s": t_rollout,
+            "time/rollout_s": sum(rollouts.times.values()),
             **{f"train/{k}": v for k, v in evaluation.component_means(scores).items()},
         }
         t1 = time.perf_counter()
         if kept:
-            accum = self.cfg.optim.grad_accum_steps
-            results = []
-            batches = sft_micro_batches(
-                [prompt_ids[i] for i in kept], [completions[i].token_ids for i in kept],
-                micro_batch=e.batch_size // accum, pad_id=self.pad_id,
-                width_multiple=self.cfg.train.width_multiple, epochs=e.sft_epochs,
-                seed=self.cfg.seed * 7919 + step)
-            for batch in batches:  # built from the gathered rollouts: the global batch
-                results.append(self.trainer.train_step(batch, global_batch=True))
-            # With accumulation, micro-batches beyond the last multiple of grad_accum_steps
-            # are averaged into the next step's first update (optax.MultiSteps keeps them).
-            results = jax.device_get(results)
-            for k in ("loss", "entropy", "grad_norm"):
-                metrics[f"train/{k}"] = float(np.mean([r[k] for r in results]))
-            metrics["train/sft_micro_steps"] = len(results)
+            metrics.update(self.train_on([rollouts.prompt_ids[i] for i in kept],
+                                         [completions[i].token_ids for i in kept], step))
             self.engine.update_weights(self.trainer.model())
         metrics["time/train_s"] = time.perf_counter() - t1
         return metrics
 
+    def train_on(self, prompt_ids, response_ids, step: int) -> dict[str, float]:
+        """``ei.sft_epochs`` epochs of SFT on the kept rows (the global batch, gathered)."""
+        e, accum = self.cfg.ei, self.cfg.optim.grad_accum_steps
+        batches = sft_micro_batches(
+            prompt_ids, response_ids, micro_batch=e.batch_size // accum, pad_id=self.pad_id,
+            width_multiple=self.cfg.train.width_multiple, epochs=e.sft_epochs,
+            seed=self.cfg.seed * 7919 + step)
+        # With accumulation, micro-batches beyond the last multiple of grad_accum_steps are
+        # averaged into the next step's first update (optax.MultiSteps keeps them).
+        results = jax.device_get([self.trainer.train_step(b, global_batch=True)
+                                  for b in batches])
+        return {**{f"train/{k}": float(np.mean([r[k] for r in results]))
+                   for k in ("loss", "entropy", "grad_norm")},
+                "train/sft_micro_steps": len(results)}
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"kept": f"{metrics['train/kept_fraction']:.2f}"}
+
+    def panels(self) -> list[tuple[str, list[str]]]:
+        return [
+            ("reward", ["train/answer_reward", *self.eval_curves(), "train/kept_fraction",
+                        *[f"train/{k}" for k in self.reward.components]]),
+            ("entropy", ["train/entropy"]),
+            ("loss", ["train/loss"]),
+        ]
+
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """Expert Iteration as configured; returns the summary (also in ``summary.json``)."""
-    from tqdm import tqdm
-
-    t0 = time.time()
-    ei = ExpertIteration(cfg, run_dir)
-    n = cfg.ei.n_ei_steps
-    extra = ei.run.resume(ei.trainer, {"questions": ei.questions})
-    start = int(extra["step"]) if extra else 0
-    if extra:
-        ei.engine.update_weights(ei.trainer.model())
-        eval_before = extra.get("eval_before", {})
-        ei.warmstart_result = extra.get("warmstart", {})
-    else:
-        eval_before = ei.evaluate(0)
-        ei.run.save(0, ei.trainer, {"questions": ei.questions}, force=True,
-                    eval_before=eval_before, warmstart=ei.warmstart_result)
-    eval_after: dict[str, float] = {}
-    bar = tqdm(range(start + 1, n + 1), desc="expert iteration", initial=start, total=n,
-               disable=not (cfg.log.progress and jax.process_index() == 0))
-    for step in bar:
-        metrics = ei.step(step)
-        ei.run.log(step, metrics)
-        bar.set_postfix(kept=f"{metrics['train/kept_fraction']:.2f}")
-        if step == n or (cfg.eval.every and step % cfg.eval.every == 0):
-            eval_after = ei.evaluate(step)
-        ei.run.save(step, ei.trainer, {"questions": ei.questions}, force=step == n,
-                    eval_before=eval_before, warmstart=ei.warmstart_result)
-    if not eval_after and start >= n:
-        eval_after = ei.evaluate(n)
-    if cfg.checkpoint.export_hf:
-        rundir.export_hf(ei.trainer.model(), ei.tokenizer, Path(run_dir) / "hf")
-    rundir.plot_metrics(run_dir, [
-        ("reward", ["train/answer_reward", *ei.eval_curves(), "train/kept_fraction",
-                    *[f"train/{k}" for k in ei.reward.components]]),
-        ("entropy", ["train/entropy"]),
-        ("loss", ["train/loss"]),
-    ])
-    ei.run.close()
-    summary = {
-        "algorithm": "expert_iteration",
-        "ei_steps": n,
-        "resumed_from": start,
-        "eval_before": eval_before.get("eval/answer_reward"),
-        "eval_after": eval_after.get("eval/answer_reward"),
-        "eval_after_sets": ei.eval_summary(eval_after),
-        "num_eval_examples": len(ei.held_out),
-        **ei.warmstart_result,
-        "wall_time_s": round(time.time() - t0, 1),
-        "run_dir": str(run_dir),
-    }
-    rundir.write_summary(run_dir, summary)
-    return summary
+    return drive(ExpertIteration(cfg, run_dir))

@@ -2,7 +2,8 @@
 
     python -m jaxalign.train --config configs/grpo.py        # the CPU demo (no flags)
 
-One step, top to bottom (``grpo_step``)::
+One step, top to bottom (``GRPO.step``, the driver ``jaxalign.algorithms.driver`` runs the
+loop around it)::
 
     questions -> engine.generate(n=group_size) -> verifier rewards -> group advantages
     -> rollout batch (static shapes) -> old log-probs (one forward, or the engine's)
@@ -48,7 +49,6 @@ reward before and after GRPO.
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,9 +60,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxalign import evaluation, losses, optim, rundir, sharding
-from jaxalign.algorithms.rollouts import PolicyRun, validate_rollout_config
+from jaxalign import evaluation, losses, optim, sharding
+from jaxalign.algorithms.driver import Stopwatch, drive
+from jaxalign.algorithms.policy_run import PolicyRun, Rollouts, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
+from jaxalign.distributed import to_host
+from jaxalign.optim import make_optimizer
+from jaxalign.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -261,12 +265,12 @@ def micro_batches(batch: dict[str, np.ndarray], size: int):
 class GRPO(PolicyRun):
     """A GRPO run: the shared policy/engine/data set-up plus the GRPO trainer and step."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
-        from jaxalign.optim import make_optimizer
-        from jaxalign.trainer import Trainer
+    name, title, steps_key = "grpo", "GRPO", "grpo_steps"
 
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
         g = cfg.grpo
         super().__init__(cfg, run_dir, prompts_per_step=g.rollout_batch_size // g.group_size)
+        self.steps = g.n_grpo_steps
         steps_per_rollout = g.epochs_per_rollout_batch * (g.rollout_batch_size
                                                           // g.train_batch_size)
         tx, self.schedule = make_optimizer(
@@ -292,73 +296,77 @@ class GRPO(PolicyRun):
         self.start_engine(self.trainer.model())
         self.history: list[dict[str, float]] = []
 
-    def rollout_informative(self, step: int):
+    def step(self, step: int) -> dict[str, float]:
+        """One GRPO step: rollouts -> rewards -> advantages -> updates -> new weights."""
+        clock = Stopwatch()
+        rollouts, metrics = self.rollout_informative(step)  # sampled and scored
+        clock.lap("rollout_s")
+        batch, batch_metrics = self.make_batch(rollouts)  # advantages, static-shape rows
+        clock.lap("batch_s")
+        self.add_old_log_probs(batch)  # one forward before any update (and the reference)
+        clock.lap("old_log_probs_s")
+        metrics.update(batch_metrics)
+        metrics.update(self.train_on(batch))  # epochs x micro-batches of optimizer steps
+        clock.lap("train_s")
+        self.engine.update_weights(self.trainer.model())  # the sampler gets the new policy
+        clock.lap("weight_sync_s")
+        return {**metrics, **self.timing(rollouts, batch, clock)}
+
+    def rollout_informative(self, step: int) -> tuple[Rollouts, dict[str, float]]:
         """``rollout(step, group_size)``, refilled by DAPO's dynamic sampling when
         ``filter_zero_std_groups`` and ``max_resample_rounds > 0``: groups whose shaped
         rewards are all equal are replaced by groups of further prompts (each round seeded
         apart) until the step holds as many informative groups as it has groups, or the
         rounds run out; then zero-std groups fill the rest (``make_batch`` masks them).
-        Static shapes: always ``rollout_batch_size`` rows.
-
-        Returns:
-            ``(prompt_ids, completions, scores, metrics)``.
-        """
+        Static shapes: always ``rollout_batch_size`` rows. Returns the rollouts (their times
+        summed over the rounds) and the resampling metrics."""
         g = self.cfg.grpo
-        n = g.group_size
-        prompt_ids, completions, scores, _ = self.rollout(step, n)
+        rollouts = self.rollout(step, g.group_size)
         if not (g.filter_zero_std_groups and g.max_resample_rounds):
-            return prompt_ids, completions, scores, {}
-        needed = len(completions) // n
-        informative: list[tuple] = []
-        flat: list[tuple] = []
-        rounds, times = 0, dict(self.rollout_times)
+            return rollouts, {}
+        needed = len(rollouts.questions)
+        informative: list[Rollouts] = []
+        flat: list[Rollouts] = []
+        rounds, times = 0, dict(rollouts.times)
         while True:
-            same = zero_std_groups(self._shaped_rewards(completions, scores), n)[::n]
-            for k, is_flat in enumerate(same):
-                group = (prompt_ids[k * n:(k + 1) * n], completions[k * n:(k + 1) * n],
-                         scores[k * n:(k + 1) * n])
+            same = zero_std_groups(self._shaped_rewards(rollouts), g.group_size)[::g.group_size]
+            for group, is_flat in zip(rollouts.groups(), same, strict=True):
                 (flat if is_flat else informative).append(group)
             if len(informative) >= needed or rounds == g.max_resample_rounds:
                 break
             rounds += 1
-            prompt_ids, completions, scores, _ = self.rollout(step, n, attempt=rounds)
-            times = {k: v + self.rollout_times[k] for k, v in times.items()}
-        self.rollout_times = times
-        chosen = (informative + flat)[:needed]
+            rollouts = self.rollout(step, g.group_size, attempt=rounds)
+            times = {k: v + rollouts.times[k] for k, v in times.items()}
         # train/frac_reward_zero_std (make_batch) describes the batch trained on; this, every
         # group sampled for it (how often the policy's groups carry no signal).
         metrics = {"train/resample_rounds": rounds,
                    "train/informative_groups": min(len(informative), needed) / needed,
                    "train/zero_std_groups_sampled": len(flat) / (len(flat) + len(informative))}
-        return ([p for grp in chosen for p in grp[0]], [c for grp in chosen for c in grp[1]],
-                [sc for grp in chosen for sc in grp[2]], metrics)
+        return Rollouts.concat((informative + flat)[:needed], times), metrics
 
-    def _shaped_rewards(self, completions, scores) -> np.ndarray:
+    def _shaped_rewards(self, rollouts: Rollouts) -> np.ndarray:
         """``[N]`` rewards as the advantages see them: the verifier's plus the overlong
         penalty."""
         g, s = self.cfg.grpo, self.cfg.sampling
-        lengths = np.array([len(c.token_ids) for c in completions])
+        lengths = np.array([len(c.token_ids) for c in rollouts.completions])
         penalty = overlong_penalty(lengths, s.max_tokens, g.overlong_buffer, g.overlong_penalty)
-        return np.array([sc["reward"] for sc in scores]) + penalty
+        return np.array([sc["reward"] for sc in rollouts.scores], np.float32) + penalty
 
-    def make_batch(self, prompt_ids, completions, scores) -> tuple[dict, dict]:
+    def make_batch(self, rollouts: Rollouts) -> tuple[dict, dict]:
         """Advantages and the static-shape rollout batch, with their metrics."""
-        g, s = self.cfg.grpo, self.cfg.sampling
+        g = self.cfg.grpo
+        completions, scores = rollouts.completions, rollouts.scores
         lengths = np.array([len(c.token_ids) for c in completions])
         truncated = np.array([c.finish_reason == "length" for c in completions])
-        penalty = overlong_penalty(lengths, s.max_tokens, g.overlong_buffer, g.overlong_penalty)
-        it = iter([dict(sc, reward=sc["reward"] + p) for sc, p in zip(scores, penalty,
-                                                                         strict=True)])
-        # compute_group_normalized_rewards scores in order; the pool already did the work.
-        advantages, raw, meta = losses.compute_group_normalized_rewards(
-            lambda r, gt: next(it), [c.text for c in completions],
-            [None] * len(completions), g.group_size, g.advantage_eps,
-            g.use_std_normalization)
+        raw = self._shaped_rewards(rollouts)
+        advantages, meta = losses.group_advantages(raw, g.group_size, g.advantage_eps,
+                                                   g.use_std_normalization)
         keep = np.ones(len(completions), bool)
         if g.filter_zero_std_groups:
             keep &= ~zero_std_groups(raw, g.group_size)
         if g.mask_truncated:
             keep &= ~truncated
+        prompt_ids = rollouts.prompt_ids
         longest = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions,
                                                                   strict=True))
         width = bucket_width(longest, self.cfg.train.width_multiple)
@@ -367,8 +375,9 @@ class GRPO(PolicyRun):
         answer = np.array([sc["answer_reward"] for sc in scores])
         metrics = {
             "train/reward": meta["reward_mean"],
-            "train/answer_reward": meta.get("answer_reward_mean", float(answer.mean())),
-            "train/format_reward": meta.get("format_reward_mean", float("nan")),
+            "train/answer_reward": float(answer.mean()),
+            "train/format_reward": float(np.mean([sc["format_reward"] for sc in scores]))
+            if all("format_reward" in sc for sc in scores) else float("nan"),
             "train/frac_reward_zero_std": meta["frac_reward_zero_std"],
             "train/response_length": float(lengths.mean()),
             "train/response_length_correct": float(lengths[answer > 0].mean())
@@ -396,10 +405,8 @@ class GRPO(PolicyRun):
             batch["ref_log_probs"] = self._forward(self.ref_params, batch, micro)
 
     def _forward(self, params, batch, micro) -> np.ndarray:
-        from jaxalign.distributed import to_host
-
         out = []
-        for mb in micro_batches(batch, micro):  # the rollout batch is global (rollouts.py)
+        for mb in micro_batches(batch, micro):  # the rollout batch is global (policy_run.py)
             placed = self.trainer.place_batch({k: mb[k] for k in ("input_ids", "labels")},
                                               global_batch=True)
             out.append(self.log_prob_fn(params, placed["input_ids"], placed["labels"]))
@@ -421,40 +428,40 @@ class GRPO(PolicyRun):
         del out["train/logprob_diff_mean"], out["train/logprob_diff_max"]
         return out
 
-    def step(self, step: int) -> dict[str, float]:
-        """One GRPO step (rollouts -> rewards -> advantages -> updates -> weights)."""
-        t0 = time.perf_counter()
-        prompt_ids, completions, scores, resampled = self.rollout_informative(step)
-        t_rollout = time.perf_counter() - t0
-        batch, metrics = self.make_batch(prompt_ids, completions, scores)
-        metrics.update(resampled)
-        t_batch = time.perf_counter()
-        self.add_old_log_probs(batch)
-        t1 = time.perf_counter()
-        metrics.update(self.train_on(batch))
-        t_train = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        self.engine.update_weights(self.trainer.model())
-        t_sync = time.perf_counter() - t2
-        n_tokens = sum(len(c.token_ids) for c in completions)
-        # The step's wall time by phase; rollout_s = generate_s + score_s + gather_s.
-        metrics.update({f"time/{k}": v for k, v in self.rollout_times.items()})
-        metrics.update({
-            "time/rollout_s": t_rollout,
-            "time/batch_s": t_batch - t0 - t_rollout,
-            "time/old_log_probs_s": t1 - t_batch,
-            "time/train_s": t_train,
-            "time/weight_sync_s": t_sync,
-            "time/step_s": time.perf_counter() - t0,
-            "time/rollout_tokens_per_s": n_tokens / max(t_rollout, 1e-9),
-            "time/train_tokens_per_s": batch["input_ids"].size
-            * self.cfg.grpo.epochs_per_rollout_batch / max(t_train, 1e-9),
-            "train/lr": float(self.schedule(max(self.trainer.step // max(
-                self.cfg.optim.grad_accum_steps, 1) - 1, 0))),
-        })
-        return metrics
+    def timing(self, rollouts: Rollouts, batch: dict, clock: Stopwatch) -> dict[str, float]:
+        """The step's wall time by phase (rollout_s = generate_s + score_s + gather_s,
+        summed over DAPO's rounds), throughputs and the learning rate."""
+        laps = clock.laps
+        n_tokens = sum(len(c.token_ids) for c in rollouts.completions)
+        g, accum = self.cfg.grpo, max(self.cfg.optim.grad_accum_steps, 1)
+        return {
+            **{f"time/{k}": v for k, v in rollouts.times.items()},
+            **{f"time/{k}": v for k, v in laps.items()},
+            "time/step_s": clock.total(),
+            "time/rollout_tokens_per_s": n_tokens / max(laps["rollout_s"], 1e-9),
+            "time/train_tokens_per_s": batch["input_ids"].size * g.epochs_per_rollout_batch
+            / max(laps["train_s"], 1e-9),
+            "train/lr": float(self.schedule(max(self.trainer.step // accum - 1, 0))),
+        }
 
-    def check_health(self, step: int, metrics: dict[str, float]) -> None:
+    # --- the driver's hooks (jaxalign.algorithms.driver) -----------------------------------
+
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"reward": f"{metrics['train/reward']:.2f}",
+                "entropy": f"{metrics['train/entropy']:.2f}"}
+
+    def panels(self) -> list[tuple[str, list[str]]]:
+        return [
+            ("reward", ["train/reward", "train/answer_reward", "train/format_reward",
+                        *self.eval_curves(), *[f"train/{k}" for k in self.reward.components]]),
+            ("entropy", ["train/entropy"]),
+            ("response length", ["train/response_length", "train/response_length_correct",
+                                 "train/response_length_incorrect"]),
+            ("loss", ["train/loss"]),
+            ("sampler drift", ["drift/logprob_diff_mean"]),
+        ]
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> None:
         """Warns (or stops) on entropy collapse or format rising while answers fall."""
         g = self.cfg.grpo
         self.history.append(metrics)
@@ -482,82 +489,4 @@ class GRPO(PolicyRun):
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """GRPO as configured; returns the summary (also in ``summary.json``)."""
-    from tqdm import tqdm
-
-    t0 = time.time()
-    grpo = GRPO(cfg, run_dir)
-    g = cfg.grpo
-    extra = grpo.run.resume(grpo.trainer, {"questions": grpo.questions})
-    start = int(extra["step"]) if extra else 0
-    if extra:
-        grpo.engine.update_weights(grpo.trainer.model())
-        eval_before = extra.get("eval_before", {})
-        grpo.warmstart_result = extra.get("warmstart", {})
-    else:
-        eval_before = grpo.evaluate(0)
-        grpo.run.save(0, grpo.trainer, {"questions": grpo.questions}, force=True,
-                      eval_before=eval_before, warmstart=grpo.warmstart_result)
-    if jax.process_index() == 0 and eval_before:
-        print(f"held-out answer reward before GRPO: {eval_before['eval/answer_reward']:.3f}")
-
-    bar = tqdm(range(start + 1, g.n_grpo_steps + 1), desc="grpo", initial=start,
-               total=g.n_grpo_steps, disable=not (cfg.log.progress and jax.process_index() == 0))
-    eval_after: dict[str, float] = {}
-    for step in bar:
-        metrics = grpo.step(step)
-        grpo.run.log(step, metrics)
-        bar.set_postfix(reward=f"{metrics['train/reward']:.2f}",
-                        entropy=f"{metrics['train/entropy']:.2f}")
-        grpo.check_health(step, metrics)
-        if step == g.n_grpo_steps or (cfg.eval.every and step % cfg.eval.every == 0):
-            eval_after = grpo.evaluate(step)
-        grpo.run.save(step, grpo.trainer, {"questions": grpo.questions},
-                      force=step == g.n_grpo_steps, eval_before=eval_before,
-                      warmstart=grpo.warmstart_result)
-    if not eval_after and start >= g.n_grpo_steps:
-        eval_after = grpo.evaluate(g.n_grpo_steps)
-    if cfg.checkpoint.export_hf:
-        rundir.export_hf(grpo.trainer.model(), grpo.tokenizer, Path(run_dir) / "hf")
-    rundir.plot_metrics(run_dir, [
-        ("reward", ["train/reward", "train/answer_reward", "train/format_reward",
-                    *grpo.eval_curves(), *[f"train/{k}" for k in grpo.reward.components]]),
-        ("entropy", ["train/entropy"]),
-        ("response length", ["train/response_length", "train/response_length_correct",
-                             "train/response_length_incorrect"]),
-        ("loss", ["train/loss"]),
-        ("sampler drift", ["drift/logprob_diff_mean"]),
-    ])
-    grpo.run.close()
-    summary = {
-        "algorithm": "grpo",
-        "grpo_steps": g.n_grpo_steps,
-        "resumed_from": start,
-        "eval_before": eval_before.get("eval/answer_reward"),
-        "eval_after": eval_after.get("eval/answer_reward"),
-        "eval_after_sets": grpo.eval_summary(eval_after),
-        "eval_before_format": eval_before.get("eval/format_reward"),
-        "eval_after_format": eval_after.get("eval/format_reward"),
-        "num_eval_examples": len(grpo.held_out),
-        **grpo.warmstart_result,
-        "wall_time_s": round(time.time() - t0, 1),
-        "run_dir": str(run_dir),
-    }
-    rundir.write_summary(run_dir, summary)
-    if jax.process_index() == 0:
-        print_table(summary)
-    return summary
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    """The before/after table a person reads at the end of a run."""
-    def fmt(x):
-        return "-" if x is None else f"{x:.3f}"
-
-    print()
-    print(f"| held-out (n={summary['num_eval_examples']}) | before GRPO | after GRPO |")
-    print("|---|---|---|")
-    print(f"| answer reward | {fmt(summary['eval_before'])} | {fmt(summary['eval_after'])} |")
-    print(f"| format reward | {fmt(summary['eval_before_format'])} | "
-          f"{fmt(summary['eval_after_format'])} |")
-    print(f"GRPO steps: {summary['grpo_steps']}, wall time {summary['wall_time_s']} s, "
-          f"run dir {summary['run_dir']}")
+    return drive(GRPO(cfg, run_dir))

@@ -38,12 +38,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from jaxalign import evaluation, losses, optim, rundir, sharding
+from jaxalign.algorithms.driver import Algorithm, drive
 from jaxalign.config import ConfigError, check, check_micro_batch
-from jaxalign.data import datasets, prompts
+from jaxalign.data import datasets, prompts, synthetic
+from jaxalign.data.pipeline import describe_cuts, make_sft_iterator
 from jaxalign.data.prompts import ChatTemplateError
+from jaxalign.data.tokenize import fit_to_context
 from jaxalign.models import build
+from jaxalign.optim import make_optimizer
+from jaxalign.rollout import JaxEngine, SamplingParams
+from jaxalign.trainer import Trainer
 from jaxalign.verify import RewardSpecError, resolve_reward
 
 logger = logging.getLogger(__name__)
@@ -100,8 +107,6 @@ def load_pairs(data: ml_collections.ConfigDict, tokenizer=None
             file with no (valid) rows.
         ConfigError: ``chat`` without a tokenizer that has a chat template.
     """
-    from jaxalign.data import synthetic
-
     if data.source == "synthetic":
         train, held_out = synthetic.split_problems(data.num_train, data.num_eval, data.seed,
                                           **data.synthetic.to_dict())
@@ -143,8 +148,6 @@ def load_pairs(data: ml_collections.ConfigDict, tokenizer=None
 def sft_iterator(pairs, tokenizer, *, batch_size, grad_accum_steps, seq_buckets, seed,
                  truncate="drop"):
     """Endless micro-batches of ``batch_size / grad_accum_steps`` rows (this process's share)."""
-    from jaxalign.data.pipeline import make_sft_iterator
-
     micro = batch_size // grad_accum_steps
     return make_sft_iterator(
         pairs, tokenizer, batch_size=micro // jax.process_count(),
@@ -152,31 +155,37 @@ def sft_iterator(pairs, tokenizer, *, batch_size, grad_accum_steps, seq_buckets,
     )
 
 
-def run_sft_steps(trainer, it, *, steps, grad_accum_steps, schedule=None, run=None,
-                  log_prefix="", step_offset=0, start=0, progress=False, on_step=None):
-    """Optimizer steps ``start+1 .. steps`` from the batch iterator ``it``."""
-    from tqdm import tqdm
+def sft_step(trainer, it, grad_accum_steps: int) -> dict[str, float]:
+    """One optimizer step: ``grad_accum_steps`` micro-batches from ``it``; returns the mean
+    of their metrics plus ``step_time``, ``data_time`` and ``tokens_per_s``."""
+    t0 = time.perf_counter()
+    data_time, tokens, micro_metrics = 0.0, 0, []
+    for _ in range(grad_accum_steps):
+        td = time.perf_counter()
+        batch = next(it)
+        data_time += time.perf_counter() - td
+        tokens += int(np.prod(batch["input_ids"].shape)) * jax.process_count()
+        micro_metrics.append(trainer.train_step(batch))
+    micro_metrics = jax.device_get(micro_metrics)  # waits for the step
+    elapsed = time.perf_counter() - t0
+    out = {k: float(np.mean([m[k] for m in micro_metrics])) for k in micro_metrics[0]}
+    out.update(step_time=elapsed, data_time=data_time, tokens_per_s=tokens / elapsed)
+    return out
 
+
+def run_sft_steps(trainer, it, *, steps, grad_accum_steps, schedule=None, run=None,
+                  log_prefix="", start=0, progress=False, on_step=None):
+    """Optimizer steps ``start+1 .. steps`` from the batch iterator ``it`` (the warm start's
+    loop; an SFT run goes through ``jaxalign.algorithms.driver``)."""
     last: dict[str, float] = {}
     bar = tqdm(range(start + 1, steps + 1), desc=log_prefix.rstrip("/") or "sft",
                disable=not (progress and jax.process_index() == 0), initial=start, total=steps)
     for step in bar:
-        t0 = time.perf_counter()
-        data_time, tokens, micro_metrics = 0.0, 0, []
-        for _ in range(grad_accum_steps):
-            td = time.perf_counter()
-            batch = next(it)
-            data_time += time.perf_counter() - td
-            tokens += int(np.prod(batch["input_ids"].shape)) * jax.process_count()
-            micro_metrics.append(trainer.train_step(batch))
-        micro_metrics = jax.device_get(micro_metrics)  # waits for the step
-        elapsed = time.perf_counter() - t0
-        last = {k: float(np.mean([m[k] for m in micro_metrics])) for k in micro_metrics[0]}
-        last.update(step_time=elapsed, data_time=data_time, tokens_per_s=tokens / elapsed)
+        last = sft_step(trainer, it, grad_accum_steps)
         if schedule is not None:
             last["lr"] = float(schedule(step - 1))
         if run is not None:
-            run.log(step_offset + step, {log_prefix + k: v for k, v in last.items()})
+            run.log(step, {log_prefix + k: v for k, v in last.items()})
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         if on_step is not None:
             on_step(step, it)
@@ -200,8 +209,6 @@ def fit_questions_to_context(questions, tokenizer, *, template: str, new_tokens:
         ConfigError: some prompts do not fit and not ``skip``: how many, the longest, the
             limit and ``fix`` (what to change); ``chat`` without a chat template.
     """
-    from jaxalign.data.tokenize import fit_to_context
-
     if not questions:
         return []
     try:
@@ -368,111 +375,117 @@ def check_seq_buckets(seq_buckets: Sequence[int], context: int, field: str) -> N
           "drop, counted in the log) or use a model with a longer context")
 
 
-def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
-    """SFT as configured; returns the summary (also written to ``summary.json``)."""
-    from jaxalign.data.pipeline import describe_cuts
-    from jaxalign.optim import make_optimizer
-    from jaxalign.rollout import JaxEngine, SamplingParams
-    from jaxalign.trainer import Trainer
+class SFT(Algorithm):
+    """An SFT run: the model, the batches, the trainer and validation with the engine."""
 
-    t0 = time.time()
-    reward = resolve_reward(cfg.data.reward)  # once: validation scores with this callable
-    mesh = sharding.mesh_from_config(cfg)
-    model, tokenizer = build.build_model_and_tokenizer(cfg.model, mesh)
-    pairs, held_out = load_pairs(cfg.data, tokenizer)
-    # Before anything compiles: every row and every validation prompt within the context.
-    context = model.config.max_position_embeddings
-    check_seq_buckets(cfg.train.seq_buckets, context, "train.seq_buckets")
-    held_out = fit_questions_to_context(
-        held_out[: cfg.eval.num_examples], tokenizer, template=cfg.data.template,
-        new_tokens=cfg.eval.max_tokens, context=context, skip=cfg.data.skip_invalid,
-        what="held-out questions", system_prompt=cfg.data.system_prompt,
-        fix="lower config.eval.max_tokens, use a model with a longer context, or set "
-            "config.data.skip_invalid=True to skip these prompts (counted in the log)")
-    eval_sets = {
-        name: fit_questions_to_context(
-            examples[: cfg.eval.num_examples], tokenizer, template=cfg.data.template,
-            new_tokens=cfg.eval.max_tokens, context=context, skip=cfg.data.skip_invalid,
-            what=f"eval set {name} (config.eval.sets)", system_prompt=cfg.data.system_prompt,
-            fix="lower config.eval.max_tokens or set config.data.skip_invalid=True")
-        for name, examples in load_eval_sets(cfg).items()}
-    accum = cfg.optim.grad_accum_steps
-    try:
-        it = sft_iterator(pairs, tokenizer, batch_size=cfg.train.batch_size,
-                          grad_accum_steps=accum, seq_buckets=cfg.train.seq_buckets,
-                          seed=cfg.seed, truncate=cfg.train.truncate)
-    except ValueError as e:
-        if cfg.train.truncate != "error":
-            raise
-        raise ConfigError(
-            f"config.train.truncate='error' cuts no row, and {e}: widen config.train."
-            f"seq_buckets (the largest at most max_position_embeddings={context}) or set "
-            "config.train.truncate=drop or right (counted in the log)") from None
-    _say(f"SFT data: {describe_cuts(it.stats)}")
-    # The rows the pipeline kept (truncate="drop" may have dropped some) set an epoch's length.
-    steps = train_steps(cfg.train, it.fingerprint["num_examples"])
-    tx, schedule = make_optimizer(optim.optim_config(cfg.optim, steps))
-    trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
-                                                    cfg.train.normalize_constant), mesh)
-    run_state = rundir.RunState(cfg, run_dir)
-    extra = run_state.resume(trainer, {"train": it})
-    start = int(extra["step"]) if extra else 0
+    name, title = "sft", "SFT"
 
-    engine = None
-    # A chat turn ends at the template's end-of-turn token (<|im_end|>); r1_zero at </answer>.
-    stop = evaluation.default_stop(cfg.data.template, cfg.data.reward)
-    sampling = SamplingParams(temperature=cfg.eval.temperature, max_tokens=cfg.eval.max_tokens,
-                              stop=stop, include_stop_str_in_output=bool(stop),
-                              seed=cfg.seed)
+    def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.reward = resolve_reward(cfg.data.reward)  # once: validation scores with it
+        self.mesh = sharding.mesh_from_config(cfg)
+        model, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
+        pairs, held_out = load_pairs(cfg.data, self.tokenizer)
+        # Before anything compiles: every row and every validation prompt within the context.
+        context = model.config.max_position_embeddings
+        check_seq_buckets(cfg.train.seq_buckets, context, "train.seq_buckets")
+        fit = dict(template=cfg.data.template, new_tokens=cfg.eval.max_tokens,
+                   context=context, skip=cfg.data.skip_invalid,
+                   system_prompt=cfg.data.system_prompt)
+        self.held_out = fit_questions_to_context(
+            held_out[: cfg.eval.num_examples], self.tokenizer, what="held-out questions",
+            fix="lower config.eval.max_tokens, use a model with a longer context, or set "
+                "config.data.skip_invalid=True to skip these prompts (counted in the log)",
+            **fit)
+        self.eval_sets = {
+            name: fit_questions_to_context(
+                examples[: cfg.eval.num_examples], self.tokenizer,
+                what=f"eval set {name} (config.eval.sets)",
+                fix="lower config.eval.max_tokens or set config.data.skip_invalid=True", **fit)
+            for name, examples in load_eval_sets(cfg).items()}
+        self.it = self._iterator(pairs, context)
+        _say(f"SFT data: {describe_cuts(self.it.stats)}")
+        # The rows the pipeline kept (truncate="drop" may have dropped some) set an epoch.
+        self.num_rows = self.it.fingerprint["num_examples"]
+        self.steps = train_steps(cfg.train, self.num_rows)
+        tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, self.steps))
+        self.trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
+                                                             cfg.train.normalize_constant),
+                                      self.mesh)
+        self.run = rundir.RunState(cfg, run_dir)
+        self.engine = None  # built at the first validation
+        # A chat turn ends at the template's end-of-turn token (<|im_end|>); r1_zero at
+        # </answer>.
+        stop = evaluation.default_stop(cfg.data.template, cfg.data.reward)
+        self.sampling = SamplingParams(temperature=cfg.eval.temperature,
+                                       max_tokens=cfg.eval.max_tokens, stop=stop,
+                                       include_stop_str_in_output=bool(stop), seed=cfg.seed)
 
-    def evaluate(step: int) -> dict[str, float]:
-        nonlocal engine
-        if not held_out and not eval_sets:
+    def _iterator(self, pairs, context: int):
+        t = self.cfg.train
+        try:
+            return sft_iterator(pairs, self.tokenizer, batch_size=t.batch_size,
+                                grad_accum_steps=self.cfg.optim.grad_accum_steps,
+                                seq_buckets=t.seq_buckets, seed=self.cfg.seed,
+                                truncate=t.truncate)
+        except ValueError as e:
+            if t.truncate != "error":
+                raise
+            raise ConfigError(
+                f"config.train.truncate='error' cuts no row, and {e}: widen config.train."
+                f"seq_buckets (the largest at most max_position_embeddings={context}) or set "
+                "config.train.truncate=drop or right (counted in the log)") from None
+
+    def iterators(self) -> dict[str, Any]:
+        return {"train": self.it}
+
+    def step(self, step: int) -> dict[str, float]:
+        metrics = sft_step(self.trainer, self.it, self.cfg.optim.grad_accum_steps)
+        metrics["lr"] = float(self.schedule(step - 1))
+        return {f"train/{k}": v for k, v in metrics.items()}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not self.held_out and not self.eval_sets:
             return {}
-        if engine is None:
-            engine = JaxEngine(trainer.model(), tokenizer, mesh,
-                               max_batch_size=cfg.eval.batch_size)
-        engine.update_weights(trainer.model())
+        if self.engine is None:
+            self.engine = JaxEngine(self.trainer.model(), self.tokenizer, self.mesh,
+                                    max_batch_size=self.cfg.eval.batch_size)
+        self.engine.update_weights(self.trainer.model())
+        cfg = self.cfg
         metrics, records = evaluation.validate_all(
-            engine, held_out, eval_sets, template=cfg.data.template, reward=reward,
-            sampling=sampling, num_workers=cfg.eval.num_workers,
+            self.engine, self.held_out, self.eval_sets, template=cfg.data.template,
+            reward=self.reward, sampling=self.sampling, num_workers=cfg.eval.num_workers,
             system_prompt=cfg.data.system_prompt)
-        rundir.write_all_generations(run_dir, step, records, cfg.log.num_generations,
-                                     run_state.logger)
-        run_state.log(step, metrics)
+        rundir.write_all_generations(self.run_dir, step, records, cfg.log.num_generations,
+                                     self.run.logger)
+        self.run.log(step, metrics)
         return metrics
 
-    eval_before = evaluate(0) if start == 0 and cfg.eval.at_start else {}
+    def eval_at_start(self) -> bool:
+        return self.cfg.eval.at_start
 
-    def on_step(step: int, iterator) -> None:
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
-            evaluate(step)
-        run_state.save(step, trainer, {"train": iterator})
+    def progress(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}"}
 
-    last = run_sft_steps(trainer, it, steps=steps, grad_accum_steps=accum,
-                         schedule=schedule, run=run_state, log_prefix="train/", start=start,
-                         progress=cfg.log.progress, on_step=on_step)
-    eval_after = evaluate(steps)
-    run_state.save(steps, trainer, {"train": it}, force=True)
-    if cfg.checkpoint.export_hf:
-        rundir.export_hf(trainer.model(), tokenizer, Path(run_dir) / "hf")
-    rundir.plot_metrics(run_dir, [("loss", ["train/loss"]), ("entropy", ["train/entropy"]),
-                                  ("held-out reward", [
-                                      "eval/answer_reward", "eval/format_reward",
-                                      *[f"eval/{n}/answer_reward" for n in eval_sets]])])
-    run_state.close()
-    summary = {
-        "algorithm": "sft",
-        "steps": steps,
-        "epochs": steps * cfg.train.batch_size / it.fingerprint["num_examples"],
-        "resumed_from": start,
-        "final_train_loss": last.get("loss"),
-        "eval_before": eval_before.get("eval/answer_reward"),
-        "eval_after": eval_after.get("eval/answer_reward"),
-        "eval_after_format": eval_after.get("eval/format_reward"),
-        "eval_after_sets": {n: eval_after.get(f"eval/{n}/answer_reward") for n in eval_sets},
-        "wall_time_s": round(time.time() - t0, 1),
-        "run_dir": str(run_dir),
-    }
-    rundir.write_summary(run_dir, summary)
-    return summary
+    def panels(self) -> list[tuple[str, list[str]]]:
+        return [("loss", ["train/loss"]), ("entropy", ["train/entropy"]),
+                ("held-out reward", ["eval/answer_reward", "eval/format_reward",
+                                     *[f"eval/{n}/answer_reward" for n in self.eval_sets]])]
+
+    def held_out_label(self) -> str:
+        return f"held-out (n={len(self.held_out)})"
+
+    def summary(self, eval_before: dict, eval_after: dict, last: dict) -> dict[str, Any]:
+        return {
+            "epochs": self.steps * self.cfg.train.batch_size / self.num_rows,
+            "final_train_loss": last.get("train/loss"),
+            "eval_before_format": eval_before.get("eval/format_reward"),
+            "eval_after_format": eval_after.get("eval/format_reward"),
+            "eval_after_sets": {n: eval_after.get(f"eval/{n}/answer_reward")
+                                for n in self.eval_sets},
+        }
+
+
+def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
+    """SFT as configured; returns the summary (also written to ``summary.json``)."""
+    return drive(SFT(cfg, run_dir))

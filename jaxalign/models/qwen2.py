@@ -541,30 +541,8 @@ class Qwen2Model(nnx.Module):
                 positions = positions + cache.next_pos[:, None] * attention_mask
         positions = jnp.asarray(positions)
 
-        if rope.rope_type_of(cfg.rope_scaling) == "dynamic":
-            inv_freq = rope.dynamic_ntk_inv_freq(
-                positions,
-                cfg.head_dim,
-                cfg.rope_theta,
-                cfg.rope_scaling["factor"],
-                cfg.max_position_embeddings,
-            )
-        else:
-            inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        cos, sin = rope.rope_cos_sin(positions, inv_freq, self.attention_scaling)
-
-        window = cfg.sliding_window if cfg.use_sliding_window and cfg.sliding_window else None
-        if cache is None or fresh_cache:
-            key_mask, index = attention_mask, 0
-        else:
-            index = cache.index
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
-        full_mask = causal_padding_mask(key_mask, query_offset=index, num_queries=t)
-        window_mask = (
-            causal_padding_mask(key_mask, window, query_offset=index, num_queries=t)
-            if window
-            else None
-        )
+        cos, sin = self._rope(positions)  # [B, T, H]
+        key_mask, index, full_mask, window_mask = self._masks(attention_mask, cache, fresh_cache)
 
         # The lookup's output would follow the embedding's layout ([V, D over fsdp]); pin it
         # to the batch sharding so each device keeps its own rows through every layer and the
@@ -595,6 +573,42 @@ class Qwen2Model(nnx.Module):
             index=cache.index + t,
             next_pos=cache.next_pos + attention_mask.sum(-1, dtype=jnp.int32),
         )
+
+    def _rope(self, positions):
+        """Rotary ``(cos, sin)`` tables for ``positions`` [B, T] (dynamic NTK rescales the
+        frequencies by the positions themselves)."""
+        cfg = self.cfg
+        if rope.rope_type_of(cfg.rope_scaling) == "dynamic":
+            inv_freq = rope.dynamic_ntk_inv_freq(
+                positions,
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.rope_scaling["factor"],
+                cfg.max_position_embeddings,
+            )
+        else:
+            inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        return rope.rope_cos_sin(positions, inv_freq, self.attention_scaling)
+
+    def _masks(self, attention_mask, cache, fresh_cache: bool):
+        """``(key_mask [B, S], index, full_mask, window_mask)`` for queries ``attention_mask``
+        [B, T] written at the cache's next slot (slot 0 without a cache or when fresh);
+        ``window_mask`` is None unless some layer uses a sliding window."""
+        cfg = self.cfg
+        t = attention_mask.shape[1]
+        window = cfg.sliding_window if cfg.use_sliding_window and cfg.sliding_window else None
+        if cache is None or fresh_cache:
+            key_mask, index = attention_mask, 0
+        else:
+            index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+        full_mask = causal_padding_mask(key_mask, query_offset=index, num_queries=t)
+        window_mask = (
+            causal_padding_mask(key_mask, window, query_offset=index, num_queries=t)
+            if window
+            else None
+        )
+        return key_mask, index, full_mask, window_mask
 
 
 def _run_layer(layer, x, cos, sin, mask, remat: str):

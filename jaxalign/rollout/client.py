@@ -41,9 +41,7 @@ import hashlib
 import http.client
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -52,6 +50,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxalign.rollout.restarts import Restarter, SidecarError, poll_health
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 from jaxalign.rollout.wire import (
     TOKEN_ENV,
@@ -60,10 +59,6 @@ from jaxalign.rollout.wire import (
     default_weights_root,
     params_to_json,
 )
-
-
-class SidecarError(RuntimeError):
-    """A sidecar could not be reached, or refused or failed a request (the URL is named)."""
 
 
 class WeightsVersionError(SidecarError):
@@ -169,19 +164,6 @@ def gpus_shared_with_sidecars(
     return clashes
 
 
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """Terminates (then kills) processes; also run at exit for sidecars a client restarted."""
-    for proc in processes:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    processes.clear()
-
-
 class SidecarEngine:
     """A ``RolloutEngine`` backed by one or more sidecar processes.
 
@@ -235,6 +217,9 @@ class SidecarEngine:
         self.backoff = backoff
         self.restart_command = restart_command
         self.restart_timeout = restart_timeout
+        # restarts (restarts.py) are apart from the request path: _call decides when
+        self._restarter = (Restarter(restart_command, restart_timeout)
+                           if restart_command is not None else None)
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.export_dtype = export_dtype
         self.keep_exports = max(1, keep_exports)
@@ -242,8 +227,6 @@ class SidecarEngine:
         self.last_sync: SyncTimings | None = None
         self._exports: list[Path] = []  # directories this client wrote, oldest first
         self._last_update: dict | None = None  # the payload to re-send after a restart
-        self._processes: list[subprocess.Popen] = []  # sidecars this client restarted
-        weakref.finalize(self, _stop, self._processes)  # they do not outlive the trainer
         self._health: dict[str, dict] = {}
         self._cleanup: weakref.finalize | None = None
 
@@ -319,7 +302,7 @@ class SidecarEngine:
                 f"{died}; the sidecar is exiting: restart it, or pass restart_command= to "
                 "let the client restart it"
             ) from None
-        self._wait_gone(url)
+        self._restarter.wait_gone(url, self._probe)
         self._restart(index, reason=str(died))
         if died.status < 500:  # the request's fault (e.g. a refused checkpoint): not resent
             raise SidecarError(f"{died} (restarted the sidecar with the previous weights)")
@@ -328,20 +311,12 @@ class SidecarEngine:
         except _TransportError as e:
             raise SidecarError(f"{died}; restarted it, but {method} {path} failed ({e})") from None
 
-    def _wait_gone(self, url: str) -> None:
-        """Waits until a dying sidecar stops answering (it exits after its last 503)."""
-        deadline = time.monotonic() + self.restart_timeout
-        while True:
-            try:
-                self._request(url, "GET", "/health", timeout=5)
-            except _TransportError:
-                return
-            if time.monotonic() >= deadline:
-                raise SidecarError(
-                    f"sidecar {url} reported itself dead but still answers after "
-                    f"{self.restart_timeout:.0f} s; stop it by hand"
-                )
-            time.sleep(0.2)
+    def _probe(self, url: str, timeout: float) -> tuple[int, dict] | None:
+        """One ``GET /health`` without retries: ``(status, body)``, or None if no answer."""
+        try:
+            return self._request(url, "GET", "/health", timeout=timeout)
+        except _TransportError:
+            return None
 
     def _checked(self, url: str, path: str, status: int, answer: dict) -> dict:
         if status == 200:
@@ -374,63 +349,24 @@ class SidecarEngine:
         With ``timeout=0`` (the constructor's default) a sidecar that does not answer at
         once gets the usual retries and restart instead.
         """
-        deadline = time.monotonic() + timeout
         out = {}
         for i, url in enumerate(self.urls):
-            while True:
-                try:
-                    out[url] = self._checked(
-                        url, "/health", *self._request(url, "GET", "/health", timeout=30)
-                    )
-                    break
-                except _TransportError as e:
-                    if time.monotonic() >= deadline:
-                        if timeout > 0:  # waited already: no retries on top
-                            raise SidecarError(
-                                f"sidecar {url} not ready after {timeout:.0f} s ({e})"
-                            ) from None
-                        out[url] = self._refresh_health(i)  # retries / restart as configured
-                        break
-                    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            answer = poll_health(self._probe, url, up=True, timeout=timeout, interval=0.5,
+                                 request_timeout=30, ready=lambda status: True)
+            if answer is not None:
+                out[url] = self._checked(url, "/health", *answer)
+            elif timeout > 0:  # waited already: no retries on top
+                raise SidecarError(f"sidecar {url} did not answer /health within "
+                                   f"{timeout:.0f} s")
+            else:
+                out[url] = self._refresh_health(i)  # retries / restart as configured
             self._health[url] = out[url]
         return out
 
     def _restart(self, index: int, reason: str) -> None:
+        """Restarts a lost sidecar (``restarts.Restarter``) and gives it the current policy."""
         url = self.urls[index]
-        parsed = urllib.parse.urlsplit(url)
-        fields = dict(url=url, host=parsed.hostname, port=parsed.port)
-        cmd = self.restart_command
-        proc = None
-        if callable(cmd):
-            cmd(url)
-        else:
-            argv = (
-                shlex.split(cmd.format(**fields))
-                if isinstance(cmd, str)
-                else [str(a).format(**fields) for a in cmd]
-            )
-            proc = subprocess.Popen(argv)
-            self._processes.append(proc)
-        deadline = time.monotonic() + self.restart_timeout
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise SidecarError(
-                    f"sidecar {url} was unreachable ({reason}); the restart command exited "
-                    f"with status {proc.returncode} before the sidecar answered /health"
-                )
-            try:
-                status, answer = self._request(url, "GET", "/health", timeout=10)
-                if status == 200:
-                    self._health[url] = answer
-                    break
-            except _TransportError:
-                pass
-            if time.monotonic() >= deadline:
-                raise SidecarError(
-                    f"sidecar {url} was unreachable ({reason}); restarted it, but /health did "
-                    f"not answer within {self.restart_timeout:.0f} s"
-                )
-            time.sleep(0.5)
+        self._health[url] = self._restarter.restart(url, reason, self._probe)
         if self._last_update is not None:
             # The new process holds its --model weights; give it the current policy again.
             try:
@@ -444,7 +380,8 @@ class SidecarEngine:
 
     def close(self) -> None:
         """Stops the sidecars this client restarted and deletes its exports."""
-        _stop(self._processes)
+        if self._restarter is not None:
+            self._restarter.stop()
         for path in self._exports:
             shutil.rmtree(path, ignore_errors=True)
         self._exports.clear()

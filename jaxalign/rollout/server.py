@@ -444,8 +444,33 @@ class Sidecar:
                 )
 
     def update_weights(self, body: Any) -> dict:
+        """``POST /update_weights``: check the request, verify the files, reload under the
+        engine lock; answers the new version and the seconds it took."""
         start = time.monotonic()
         self._check_alive()
+        path, version, checksum, deadline_s = self._parse_update(body)
+        # Capped before float(): a huge integer (or Infinity) means "as long as allowed".
+        deadline = start + float(min(deadline_s, self.max_update_deadline_s))
+        path = self._verified_checkpoint(path, checksum)
+        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise RequestError(504, "deadline passed while waiting for the engine to be free")
+        try:
+            self._check_alive()  # a reload may have failed while this request waited
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestError(504, "deadline passed before the reload could start")
+            self._reload(path, version, remaining)
+            self.weights_ok = True
+            self.served["update_weights"] += 1
+        finally:
+            self.lock.release()
+        return {
+            "weights_version": self.backend.weights_version,
+            "seconds": time.monotonic() - start,
+        }
+
+    def _parse_update(self, body: Any) -> tuple[str, int, str, float]:
+        """``(path, version, checksum, deadline_s)`` of an update request, or a 400."""
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         unknown = sorted(set(body) - {"path", "version", "checksum", "deadline_s"})
@@ -465,11 +490,16 @@ class Sidecar:
             or not deadline_s > 0  # NaN fails the comparison
         ):
             raise RequestError(400, "'deadline_s' must be a positive number of seconds")
-        # Capped before float(): a huge integer (or Infinity) means "as long as allowed".
-        deadline = start + float(min(deadline_s, self.max_update_deadline_s))
-        # The allow-list comes first, so that even whether a path outside it exists is not
-        # revealed; everything after uses the resolved path, so a symlink swapped in later
-        # cannot redirect the checksum or the load.
+        return path, version, checksum, deadline_s
+
+    def _verified_checkpoint(self, path: str, checksum: str) -> str:
+        """The resolved checkpoint directory, allowed, present and hashing to ``checksum``.
+
+        The allow-list comes first, so that even whether a path outside it exists is not
+        revealed; everything after uses the resolved path, so a symlink swapped in later
+        cannot redirect the checksum or the load. Hashed outside the engine lock: generation
+        goes on meanwhile.
+        """
         path = self._allowed_path(path)
         if not Path(path).is_dir():
             raise RequestError(
@@ -480,7 +510,7 @@ class Sidecar:
             )
         self._check_files_within(path)
         try:
-            actual = checkpoint_checksum(path)  # outside the lock: generation goes on meanwhile
+            actual = checkpoint_checksum(path)
         except (FileNotFoundError, OSError) as e:
             raise RequestError(400, str(e)) from None
         if not hmac.compare_digest(actual, checksum):
@@ -489,42 +519,32 @@ class Sidecar:
                 f"{path}: checksum mismatch (request says {checksum}, the files hash to "
                 f"{actual}); refusing to load a torn or different checkpoint",
             )
-        if not self.lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise RequestError(504, "deadline passed while waiting for the engine to be free")
+        return path
+
+    def _reload(self, path: str, version: int, remaining: float) -> None:
+        """The backend's reload (engine lock held); a failure is a request error, fatal when
+        the reload was in place (the weights are then in an unknown state)."""
         try:
-            self._check_alive()  # a reload may have failed while this request waited
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RequestError(504, "deadline passed before the reload could start")
-            try:
-                self.backend.reload(path, version, remaining)
-            except Exception as e:
-                # 504 late, 400 the checkpoint's fault (CheckpointError and vLLM's
-                # VllmRequestError are ValueErrors), else 500.
-                if isinstance(e, TimeoutError):
-                    status, message = 504, f"update_weights deadline exceeded: {e}"
-                else:
-                    status = 400 if isinstance(e, ValueError) else 500
-                    message = f"reload failed: {type(e).__name__}: {e}"
-                if self.backend.atomic_reload:  # the old weights are intact: keep serving
-                    raise RequestError(status, message) from None
-                # In place: the weights are unknown, and a timed-out call may still run or
-                # answer late. Never retried here: the process restarts from --model.
-                self._die(message)
-                raise RequestError(
-                    status,
-                    f"{message}; the weights are in an unknown state, so this sidecar is "
-                    "exiting to be restarted",
-                    fatal=True,
-                ) from None
-            self.weights_ok = True
-            self.served["update_weights"] += 1
-        finally:
-            self.lock.release()
-        return {
-            "weights_version": self.backend.weights_version,
-            "seconds": time.monotonic() - start,
-        }
+            self.backend.reload(path, version, remaining)
+        except Exception as e:
+            # 504 late, 400 the checkpoint's fault (CheckpointError and vLLM's
+            # VllmRequestError are ValueErrors), else 500.
+            if isinstance(e, TimeoutError):
+                status, message = 504, f"update_weights deadline exceeded: {e}"
+            else:
+                status = 400 if isinstance(e, ValueError) else 500
+                message = f"reload failed: {type(e).__name__}: {e}"
+            if self.backend.atomic_reload:  # the old weights are intact: keep serving
+                raise RequestError(status, message) from None
+            # In place: the weights are unknown, and a timed-out call may still run or
+            # answer late. Never retried here: the process restarts from --model.
+            self._die(message)
+            raise RequestError(
+                status,
+                f"{message}; the weights are in an unknown state, so this sidecar is "
+                "exiting to be restarted",
+                fatal=True,
+            ) from None
 
 
 # --- HTTP -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from cfg_helpers import load_config, shrink
 
 from jaxalign import train
-from jaxalign.algorithms import rollouts, sft
+from jaxalign.algorithms import policy_run, sft
 from jaxalign.config import ConfigError
 from jaxalign.data.datasets import DataError
 
@@ -98,7 +98,7 @@ def test_real_recipe_loads_math_and_gsm8k_shaped_training_files(
     for name in ("grpo", "ei"):
         cfg = _real_recipe(name, path, shared_data, monkeypatch)
         train.validate(cfg)  # the config check reads the file's first row
-        questions, held_out = rollouts.load_questions(cfg.data)  # what the loops call
+        questions, held_out = policy_run.load_questions(cfg.data)  # what the loops call
         assert [q.answer for q in questions] == ANSWERS[shape]
         assert [q.question for q in questions] == [r.get("problem", r.get("question"))
                                                    for r in SHAPES[shape]]
@@ -108,7 +108,7 @@ def test_real_recipe_loads_math_and_gsm8k_shaped_training_files(
     # A JSONL source (no held-out set) goes through the same loader.
     cfg.data.source = str(path)
     train.validate(cfg)
-    questions, held_out = rollouts.load_questions(cfg.data)
+    questions, held_out = policy_run.load_questions(cfg.data)
     assert [q.answer for q in questions] == ANSWERS[shape] and held_out == []
 
 
@@ -172,7 +172,7 @@ def _grpo_on_file(tmp_path, n_short, n_long):
 def test_rollout_prompts_past_the_context_stop_with_the_numbers(tmp_path):
     cfg = _grpo_on_file(tmp_path, n_short=20, n_long=3)
     with pytest.raises(ConfigError) as err:
-        rollouts.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
+        policy_run.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
     msg = str(err.value)
     assert msg.startswith("3 of 23 training questions do not fit the model's context: prompt "
                           "tokens + 16 new tokens > max_position_embeddings=512")
@@ -184,7 +184,7 @@ def test_rollout_prompts_past_the_context_are_skipped_and_counted_when_asked(tmp
     cfg = _grpo_on_file(tmp_path, n_short=20, n_long=3)
     cfg.data.skip_invalid = True
     with caplog.at_level(logging.WARNING):
-        run = rollouts.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
+        run = policy_run.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
     assert len(run.train_questions) == 20
     assert all(len(q.question) < 20 for q in run.train_questions)
     assert "skipped 3 of 23 training questions do not fit the model's context" in caplog.text
@@ -197,7 +197,7 @@ def test_warm_start_widths_past_the_context_stop(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(
             "config.warmstart.seq_buckets=(1024,): the widest batch, 1024 tokens, is longer "
             "than the model's max_position_embeddings=512")):
-        rollouts.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
+        policy_run.PolicyRun(cfg, tmp_path / "run", prompts_per_step=4)
 
 
 def test_jax_engine_refuses_a_request_past_the_context():

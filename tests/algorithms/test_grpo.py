@@ -203,8 +203,7 @@ def test_old_log_probs_are_computed_once_and_equal_the_sampler(user_reward):
     grpo_config = user_reward
     grpo_config.grpo.loss_type = "grpo_clip"
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
-    prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
-    batch, _ = g.make_batch(prompt_ids, completions, scores)
+    batch, _ = g.make_batch(g.rollout(1, grpo_config.grpo.group_size))
     g.add_old_log_probs(batch)
     old = batch["old_log_probs"].copy()
     m = batch["response_mask"]
@@ -237,8 +236,7 @@ def test_filters_mask_zero_std_groups_and_truncated(user_reward):
     grpo_config.data.reward = "my_rewards:solved"  # every response right: no signal
     grpo_config.grpo.filter_zero_std_groups = True
     g = grpo.GRPO(grpo_config, train.prepare_run_dir(grpo_config))
-    prompt_ids, completions, scores, _ = g.rollout(1, grpo_config.grpo.group_size)
-    batch, metrics = g.make_batch(prompt_ids, completions, scores)
+    batch, metrics = g.make_batch(g.rollout(1, grpo_config.grpo.group_size))
     assert metrics["train/frac_reward_zero_std"] == 1.0
     assert metrics["train/rows_with_gradient"] == 0.0 and not batch["response_mask"].any()
     g.run.close()
@@ -422,21 +420,21 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(user_reward)
     calls = []
     original = g.rollout
     g.rollout = lambda step, k, attempt=0: calls.append(attempt) or original(step, k, attempt)
-    prompt_ids, completions, scores, metrics = g.rollout_informative(1)
-    assert len(completions) == grpo_config.grpo.rollout_batch_size
+    rollouts, metrics = g.rollout_informative(1)
+    assert len(rollouts.completions) == grpo_config.grpo.rollout_batch_size
     assert metrics["train/resample_rounds"] >= 1 and calls == list(range(len(calls)))
     assert metrics["train/informative_groups"] == 1.0
-    rewards = np.array([sc["reward"] for sc in scores]).reshape(-1, n)
+    rewards = np.array([sc["reward"] for sc in rollouts.scores]).reshape(-1, n)
     assert (rewards.max(axis=1) > rewards.min(axis=1)).all()  # every group carries signal
-    batch, batch_metrics = g.make_batch(prompt_ids, completions, scores)
+    batch, batch_metrics = g.make_batch(rollouts)
     assert batch_metrics["train/rows_with_gradient"] == 1.0
     # No signal anywhere: every round is spent, the batch is all masked zero-std groups.
     g.reward = resolve_reward("my_rewards:solved")
     calls.clear()
-    prompt_ids, completions, scores, metrics = g.rollout_informative(2)
+    rollouts, metrics = g.rollout_informative(2)
     assert calls == list(range(7)) and metrics["train/resample_rounds"] == 6
     assert metrics["train/informative_groups"] == 0.0
-    assert len(completions) == grpo_config.grpo.rollout_batch_size
+    assert len(rollouts.completions) == grpo_config.grpo.rollout_batch_size
     g.run.close()
     grpo_config.grpo.filter_zero_std_groups = False
     with pytest.raises(ConfigError, match="only with grpo.filter_zero_std_groups=True"):

@@ -9,7 +9,7 @@ import pytest
 from cfg_helpers import load_config
 
 from jaxalign import train
-from jaxalign.algorithms import rollouts, sft
+from jaxalign.algorithms import policy_run, sft
 from jaxalign.config import ConfigError
 from jaxalign.data import datasets
 from jaxalign.data.datasets import DataError, FieldMap, parse_field_map
@@ -76,7 +76,7 @@ def _grpo(source, fields=""):
 def test_grpo_trains_on_a_hub_dataset_with_its_own_field_names(hub_dir, tmp_path):
     cfg = _grpo(f"hf:{hub_dir}", "question=prompt_text,answer=target,parse=none")
     train.validate(cfg)
-    questions, held_out = rollouts.load_questions(cfg.data)
+    questions, held_out = policy_run.load_questions(cfg.data)
     assert [q.answer for q in questions] == ["5", "20", "The answer is \\boxed{2}."]
     assert held_out == []
     boxed = _grpo(f"hf:{hub_dir}", "question=prompt_text,answer=target,parse=boxed")

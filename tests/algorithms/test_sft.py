@@ -99,6 +99,7 @@ def _cli(workdir, steps, env):
             "--config.data.template=User: What is {question}?\nAssistant: <think>",
             f"--config.train.steps={steps}", "--config.train.batch_size=16",
             "--config.train.seq_buckets=(96,)", "--config.eval.every=0",
+            "--config.eval.at_start=True",
             "--config.eval.num_examples=2", "--config.eval.max_tokens=8",
             "--config.eval.num_workers=0", "--config.checkpoint.save_every=5",
             "--config.checkpoint.async_save=False", "--config.checkpoint.export_hf=False",
@@ -132,6 +133,12 @@ def test_sigkilled_sft_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
                    capture_output=True)
     summary = json.loads((killed / "summary.json").read_text())
     assert 10 <= summary["resumed_from"] < steps and summary["resumed_from"] % 5 == 0
+    # the validation before training came back with the checkpoint (not run again, not lost)
+    straight_summary = json.loads((straight / "summary.json").read_text())
+    assert summary["eval_before"] is not None
+    assert summary["eval_before"] == straight_summary["eval_before"]
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")
+            if "eval/answer_reward" in r] == [0, steps]
 
     def losses(d):
         return {r["step"]: r["train/loss"] for r in read_metrics(d / "metrics.jsonl")

@@ -45,7 +45,7 @@ def test_a_gpu_trainer_refuses_to_start_beside_a_sidecar_on_its_gpu(monkeypatch)
     import jax
     import pytest
 
-    from jaxalign.algorithms.rollouts import check_gpus_apart
+    from jaxalign.algorithms.policy_run import check_gpus_apart
     from jaxalign.config import ConfigError
 
     class FakeEngine:

@@ -10,8 +10,9 @@
 * the reward: ``data.reward`` (a spec: ``"r1_zero"``, ``"my_rewards:fn"``,
   ``"r1_zero + 0.1*my_rewards:length_penalty"``; ``jaxalign.verify.rewards``) resolved once
   into ``self.reward``, the callable that scores rollouts and held-out samples;
-* ``rollout(step, n)``: a batch of questions -> ``n`` samples each -> verifier rewards, with
-  sampling seeded by the step so a resumed run samples what it would have;
+* ``rollout(step, n)``: a batch of questions -> ``n`` samples each -> verifier rewards, as
+  a ``Rollouts`` record (questions, completions, scores, timings), with sampling seeded by
+  the step so a resumed run samples what it would have;
 * ``evaluate(step)``: held-out rewards, logged and written to ``generations.jsonl``.
 
 Multi-process: each process draws its own share of the step's questions, samples it with
@@ -41,10 +42,18 @@ import ml_collections
 
 from jaxalign import distributed, evaluation, optim, rundir, sharding
 from jaxalign.algorithms import sft
+from jaxalign.algorithms.driver import Algorithm
+from jaxalign.checkpoint import Checkpointer
 from jaxalign.config import ConfigError, check, check_micro_batch
-from jaxalign.data import datasets
+from jaxalign.data import datasets, synthetic
+from jaxalign.data.pipeline import make_example_iterator
 from jaxalign.data.prompts import build_prompt
+from jaxalign.logging import MetricsLogger
 from jaxalign.models import build
+from jaxalign.optim import make_optimizer
+from jaxalign.rollout import Completion, JaxEngine, SamplingParams
+from jaxalign.rollout.client import SidecarEngine, gpus_shared_with_sidecars
+from jaxalign.trainer import Trainer
 from jaxalign.verify import RewardSpecError, resolve_reward
 
 logger = logging.getLogger(__name__)
@@ -60,8 +69,6 @@ def load_questions(data: ml_collections.ConfigDict):
     ``\\boxed{}`` of ``solution``) are required (``datasets.load_problems``); which fields
     were used is printed.
     """
-    from jaxalign.data import synthetic
-
     if data.source == "synthetic":
         return synthetic.split_problems(data.num_train, data.num_eval, data.seed,
                                           **data.synthetic.to_dict())
@@ -102,8 +109,6 @@ def check_gpus_apart(engine) -> None:
     first."""
     if jax.default_backend() != "gpu":
         return
-    from jaxalign.rollout.client import gpus_shared_with_sidecars
-
     clashes = gpus_shared_with_sidecars(
         engine.health(), trainer_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
         trainer_gpus=jax.local_device_count(), is_local=_is_this_host)
@@ -203,7 +208,42 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
         check_micro_batch(cfg, "warmstart.batch_size", cfg.warmstart.batch_size)
 
 
-class PolicyRun:
+@dataclasses.dataclass
+class Rollouts:
+    """One step's rollouts, group-major: the ``n`` samples of a question are consecutive.
+
+    Attributes:
+        questions: ``[G]`` the questions (``MathExample``).
+        completions: ``[G * n]`` the engine's ``Completion`` (token ids, log-probs, text).
+        scores: ``[G * n]`` the reward's dicts (``reward``, ``answer_reward``, ...).
+        times: seconds spent: ``generate_s``, ``score_s``, ``gather_s`` (multi-process).
+    """
+
+    questions: list
+    completions: list[Completion]
+    scores: list[dict[str, float]]
+    times: dict[str, float]
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        """``[G * n]`` each rollout's prompt token ids."""
+        return [c.prompt_token_ids for c in self.completions]
+
+    def groups(self) -> list[Rollouts]:
+        """One ``Rollouts`` per question (times are the whole step's, on each)."""
+        n = len(self.completions) // len(self.questions)
+        return [Rollouts([q], self.completions[k * n:(k + 1) * n],
+                         self.scores[k * n:(k + 1) * n], self.times)
+                for k, q in enumerate(self.questions)]
+
+    @staticmethod
+    def concat(parts: list[Rollouts], times: dict[str, float]) -> Rollouts:
+        return Rollouts([q for p in parts for q in p.questions],
+                        [c for p in parts for c in p.completions],
+                        [sc for p in parts for sc in p.scores], times)
+
+
+class PolicyRun(Algorithm):
     """The set-up of a rollout-based run; subclasses add a trainer and a step.
 
     Attributes:
@@ -216,8 +256,6 @@ class PolicyRun:
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, run_dir: Path, *, prompts_per_step: int):
-        from jaxalign.data.pipeline import make_example_iterator
-
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.reward = resolve_reward(cfg.data.reward)
         self.mesh = sharding.mesh_from_config(cfg)
@@ -269,13 +307,6 @@ class PolicyRun:
         before the first checkpoint of the main loop, continues from there instead of
         starting again, and ``warmstart.jsonl`` keeps each step once.
         """
-        from jaxalign import rundir
-        from jaxalign.checkpoint import Checkpointer
-        from jaxalign.data import synthetic
-        from jaxalign.logging import MetricsLogger
-        from jaxalign.optim import make_optimizer
-        from jaxalign.trainer import Trainer
-
         w, accum = self.cfg.warmstart, self.cfg.optim.grad_accum_steps
         pairs = synthetic.sft_traces(self.train_questions, self.cfg.data.template,
                                      slip_rate=w.slip_rate, seed=self.cfg.seed)
@@ -329,8 +360,6 @@ class PolicyRun:
         """The rollout engine, holding ``model``'s weights."""
         c = self.cfg.engine
         if c.backend == "sidecar":
-            from jaxalign.rollout import SidecarEngine
-
             self.engine = SidecarEngine(sidecar_urls(c.urls), export_dir=c.export_dir or None)
             check_gpus_apart(self.engine)
             self.engine.update_weights(model)
@@ -338,8 +367,6 @@ class PolicyRun:
             if self.pad_id is None:
                 self.pad_id = self.tokenizer.eos_token_id
             return
-        from jaxalign.rollout import JaxEngine
-
         self.engine = JaxEngine(model, self.tokenizer, self.mesh,
                                 max_batch_size=c.max_batch_size, decode_chunk=c.decode_chunk)
         self.pad_id = self.engine.pad_token_id
@@ -347,8 +374,6 @@ class PolicyRun:
     def sampling_params(self, step: int, n: int, eval_: bool = False, attempt: int = 0):
         """Rollout sampling (seeded by the step; ``attempt`` > 0: a further round of the
         same step, seeded apart) or held-out sampling (``eval_``)."""
-        from jaxalign.rollout import SamplingParams
-
         s, e = self.cfg.sampling, self.cfg.eval
         if eval_:
             return SamplingParams(n=1, temperature=e.temperature, top_p=s.top_p,
@@ -362,17 +387,9 @@ class PolicyRun:
                               seed=(self.cfg.seed * 100_003 + step
                                     + 1_000_000_007 * attempt) % 2**31)
 
-    def rollout(self, step: int, n: int, attempt: int = 0):
+    def rollout(self, step: int, n: int, attempt: int = 0) -> Rollouts:
         """The step's questions, ``n`` samples each, scored (``attempt`` > 0: a further
-        round of questions for the same step, e.g. DAPO's dynamic sampling).
-
-        Returns:
-            ``(prompt_ids, completions, scores, questions)``: per rollout (group-major: the
-            ``n`` samples of a question are consecutive) the prompt's token ids, the
-            ``Completion`` and the verifier's reward dict; and the questions.
-        """
-        from jaxalign.rollout import JaxEngine
-
+        round of questions for the same step, e.g. DAPO's dynamic sampling)."""
         questions = next(self.questions)  # this process's share
         prompts = [build_prompt(self.cfg.data.template, q.question, self.tokenizer,
                                 system_prompt=self.cfg.data.system_prompt) for q in questions]
@@ -396,10 +413,9 @@ class PolicyRun:
             questions = [q for share in shares for q in share[0]]
             completions = [c for share in shares for c in share[1]]
             scores = [sc for share in shares for sc in share[2]]
-        # Where the rollout's time went (seconds): read by the loops' timing metrics.
-        self.rollout_times = {"generate_s": t1 - t0, "score_s": t2 - t1,
-                              "gather_s": time.perf_counter() - t2}
-        return [c.prompt_token_ids for c in completions], completions, scores, questions
+        return Rollouts(questions, completions, scores,
+                        {"generate_s": t1 - t0, "score_s": t2 - t1,
+                         "gather_s": time.perf_counter() - t2})
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out rewards of the engine's current weights: the data source's held-out set
@@ -422,3 +438,29 @@ class PolicyRun:
     def eval_summary(self, metrics: dict[str, float]) -> dict[str, float | None]:
         """``{set name: answer reward}`` of ``eval.sets`` in ``metrics`` (for summary.json)."""
         return {name: metrics.get(f"eval/{name}/answer_reward") for name in self.eval_sets}
+
+    # --- what the driver (jaxalign.algorithms.driver) asks of both loops -----------------
+
+    save_at_start = True  # step 0 holds the warm-started policy: a resume never redoes it
+
+    def iterators(self) -> dict[str, Any]:
+        return {"questions": self.questions}
+
+    def saved_state(self) -> dict[str, Any]:
+        return {"warmstart": self.warmstart_result}
+
+    def restore(self, extra: dict[str, Any]) -> None:
+        self.engine.update_weights(self.trainer.model())
+        self.warmstart_result = extra.get("warmstart", {})
+
+    def held_out_label(self) -> str:
+        return f"held-out (n={len(self.held_out)})"
+
+    def summary(self, eval_before: dict, eval_after: dict, last: dict) -> dict[str, Any]:
+        return {
+            "eval_after_sets": self.eval_summary(eval_after),
+            "eval_before_format": eval_before.get("eval/format_reward"),
+            "eval_after_format": eval_after.get("eval/format_reward"),
+            "num_eval_examples": len(self.held_out),
+            **self.warmstart_result,
+        }
