@@ -50,6 +50,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxalign.models.hf_io import save_pretrained
 from jaxalign.rollout.restarts import Restarter, SidecarError, poll_health
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 from jaxalign.rollout.wire import (
@@ -511,8 +517,6 @@ class SidecarEngine:
                 unchanged and generate calls fail with a version conflict until a later
                 ``update_weights`` succeeds everywhere).
         """
-        import jax
-
         current = self.weights_version
         if version is None:
             known = [current] if current is not None else list(self._disagreement.values())
@@ -524,8 +528,6 @@ class SidecarEngine:
             if not path.is_dir():
                 raise ValueError(f"{path}: not a checkpoint directory")
         else:
-            from flax import nnx
-
             if not isinstance(weights, nnx.Module):
                 raise TypeError(
                     "SidecarEngine.update_weights takes a model or a checkpoint directory, "
@@ -559,9 +561,6 @@ class SidecarEngine:
             except BaseException as e:
                 error = e
         if multihost:  # everyone learns process 0's outcome (and waits for it)
-            import numpy as np
-            from jax.experimental import multihost_utils
-
             ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
             if not int(ok) and error is None:
                 raise SidecarError("process 0 failed to update the sidecars (see its log)")
@@ -573,10 +572,6 @@ class SidecarEngine:
         return version
 
     def _export(self, model, version: int) -> Path:
-        import jax
-
-        from jaxalign.models.hf_io import save_pretrained
-
         if self.export_dir is None:
             self.export_dir = _default_export_dir()
             # Ours alone: removed by close(), or at exit if the trainer never calls it
