@@ -68,6 +68,9 @@ def get_config(preset: str = "tiny"):
         # CPU preset stops at 1024 and drops the ~20% longer rows (counted in the log).
         seq_buckets=(640, 768, 1024),
         truncate="drop",  # over-long examples: error | right | drop (logged, never silent)
+        # True: pack whole sequences into rows of max(seq_buckets) positions (segment ids:
+        # no attention across them); batch_size then counts packed rows (jaxalign.data.packing)
+        packing=False,
         loss_chunk_size=0,  # >0: chunked vocabulary projection (large vocabularies)
         normalize_constant=0.0,  # 0: mean NLL per response token; >0: CS336 sum / constant
     )

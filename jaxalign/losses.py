@@ -720,20 +720,29 @@ def grpo_microbatch_loss(
 
 
 def policy_log_probs(
-    model, input_ids: jax.Array, labels: jax.Array, *, chunk_size: int = 0, entropy: bool = False
+    model, input_ids: jax.Array, labels: jax.Array, *, chunk_size: int = 0, entropy: bool = False,
+    segment_ids: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """``{"log_probs": [B, T], "token_entropy"?: [B, T]}`` of ``labels`` under ``model``.
 
     Rows are right-padded (prompt + response + pad), so the causal mask alone keeps padding
-    out of every real position: no attention mask is needed. With ``chunk_size > 0`` the
-    vocabulary projection runs over chunks of that many positions
-    (``chunked_log_probs``; same values and gradients, bounded memory).
+    out of every real position: no attention mask is needed. Packed rows pass
+    ``segment_ids`` [B, T] (``jaxalign.data.packing``): attention stays within each
+    sequence and positions restart. With ``chunk_size > 0`` the vocabulary projection runs
+    over chunks of that many positions (``chunked_log_probs``; same values and gradients,
+    bounded memory).
     """
     if chunk_size:
-        hidden = model.hidden_states(input_ids)  # [B, T, D]
+        hidden = model.hidden_states(input_ids, segment_ids=segment_ids)  # [B, T, D]
         return chunked_log_probs(
             hidden, model.logits, labels, chunk_size=chunk_size, return_token_entropy=entropy
         )
+    if segment_ids is not None:
+        logits = _f32(model(input_ids, segment_ids=segment_ids))
+        out = {"log_probs": log_probs_from_logits(logits, labels)}
+        if entropy:
+            out["token_entropy"] = compute_entropy(logits)
+        return out
     return get_response_log_probs(model, input_ids, labels, return_token_entropy=entropy)
 
 

@@ -21,6 +21,11 @@ Length: ``train.steps``, or ``train.epochs`` (with ``train.steps=0``): ceil(epoc
 batch_size) steps, counted from the rows the pipeline kept, logged, and spanned by the LR
 schedule. ``configs/sft.py:s1`` is the s1 recipe.
 
+Packing (``train.packing=True``): rows of ``max(train.seq_buckets)`` positions hold whole
+sequences (``jaxalign.data.packing``; attention within each, positions restarting), so a
+batch of ``train.batch_size`` rows carries as many sequences as fit and an epoch is its
+packed rows.
+
 ``sft_iterator`` and ``run_sft_steps`` are also what the demo's warm start (GRPO and EI)
 calls.
 """
@@ -44,7 +49,7 @@ from jaxalign import evaluation, losses, optim, rundir, sharding
 from jaxalign.algorithms.driver import Algorithm, drive
 from jaxalign.config import ConfigError, check, check_micro_batch
 from jaxalign.data import datasets, prompts, synthetic
-from jaxalign.data.pipeline import describe_cuts, make_sft_iterator
+from jaxalign.data.pipeline import describe_cuts, make_packed_sft_iterator, make_sft_iterator
 from jaxalign.data.prompts import ChatTemplateError
 from jaxalign.data.tokenize import fit_to_context
 from jaxalign.models import build
@@ -59,17 +64,27 @@ logger = logging.getLogger(__name__)
 def sft_loss_fn(chunk_size: int = 0, normalize_constant: float = 0.0):
     """``loss_fn(model, batch) -> (loss, metrics)`` for ``jaxalign.trainer.Trainer``.
 
-    ``batch``: ``input_ids``, ``labels`` ``[B, T]`` int32 and ``response_mask`` ``[B, T]``.
+    ``batch``: ``input_ids``, ``labels`` ``[B, T]`` int32 and ``response_mask`` ``[B, T]``;
+    packed rows add ``segment_ids`` ``[B, T]`` (``jaxalign.data.packing``), and then the
+    ``normalize_constant`` form averages over the sequences, not the rows.
     Gradient accumulation is the optimizer's (``optax.MultiSteps`` averages micro-batch
     gradients), so the loss is not divided by the accumulation steps here.
     """
 
     def loss_fn(model, batch):
+        segments = batch.get("segment_ids")  # packed rows (jaxalign.data.packing)
         out = losses.policy_log_probs(
-            model, batch["input_ids"], batch["labels"], chunk_size=chunk_size, entropy=True
+            model, batch["input_ids"], batch["labels"], chunk_size=chunk_size, entropy=True,
+            segment_ids=segments,
         )
         mask = batch["response_mask"]
-        if normalize_constant:
+        if normalize_constant and segments is not None:
+            # CS336's mean over sequences of each one's sum / constant; a packed row holds
+            # max(segment_ids) of them.
+            sequences = jnp.sum(jnp.max(segments, axis=-1)).astype(jnp.float32)
+            loss = -losses.masked_normalize(out["log_probs"], mask, normalize_constant) / sequences
+            meta = {"num_response_tokens": jnp.sum(mask.astype(jnp.float32))}
+        elif normalize_constant:
             loss, meta = losses.sft_microbatch_loss(out["log_probs"], mask, 1, normalize_constant)
         else:
             loss = -losses.masked_mean(out["log_probs"], mask)
@@ -146,9 +161,14 @@ def load_pairs(data: ml_collections.ConfigDict, tokenizer=None
 
 
 def sft_iterator(pairs, tokenizer, *, batch_size, grad_accum_steps, seq_buckets, seed,
-                 truncate="drop"):
-    """Endless micro-batches of ``batch_size / grad_accum_steps`` rows (this process's share)."""
+                 truncate="drop", packing=False):
+    """Endless micro-batches of ``batch_size / grad_accum_steps`` rows (this process's share):
+    bucketed, or with ``packing`` packed rows of ``max(seq_buckets)`` positions."""
     micro = batch_size // grad_accum_steps
+    if packing:
+        return make_packed_sft_iterator(
+            pairs, tokenizer, batch_size=micro // jax.process_count(), width=max(seq_buckets),
+            seed=seed, num_epochs=None, truncate=truncate)
     return make_sft_iterator(
         pairs, tokenizer, batch_size=micro // jax.process_count(),
         seq_buckets=tuple(seq_buckets), seed=seed, num_epochs=None, truncate=truncate,
@@ -405,8 +425,15 @@ class SFT(Algorithm):
             for name, examples in load_eval_sets(cfg).items()}
         self.it = self._iterator(pairs, context)
         _say(f"SFT data: {describe_cuts(self.it.stats)}")
-        # The rows the pipeline kept (truncate="drop" may have dropped some) set an epoch.
-        self.num_rows = self.it.fingerprint["num_examples"]
+        # The rows the pipeline kept (truncate="drop" may have dropped some) set an epoch;
+        # packed, the rows they fill.
+        if cfg.train.packing:
+            self.num_rows = self.it.rows_per_epoch
+            _say(f"SFT packing: {self.it.fingerprint['num_examples']} sequences in "
+                 f"{self.num_rows} rows of {max(cfg.train.seq_buckets)} positions per epoch "
+                 f"({self.it.stats['packed_fill']:.0%} filled)")
+        else:
+            self.num_rows = self.it.fingerprint["num_examples"]
         self.steps = train_steps(cfg.train, self.num_rows)
         tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, self.steps))
         self.trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
@@ -427,7 +454,7 @@ class SFT(Algorithm):
             return sft_iterator(pairs, self.tokenizer, batch_size=t.batch_size,
                                 grad_accum_steps=self.cfg.optim.grad_accum_steps,
                                 seq_buckets=t.seq_buckets, seed=self.cfg.seed,
-                                truncate=t.truncate)
+                                truncate=t.truncate, packing=t.packing)
         except ValueError as e:
             if t.truncate != "error":
                 raise

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
@@ -48,6 +49,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxalign.data import packing
 from jaxalign.data.tokenize import (
     Truncate,
     check_buckets,
@@ -176,33 +178,11 @@ def make_sft_iterator(
         A ``BatchIterator`` of ``{"input_ids", "labels"}`` (``[batch_size, T]`` int32) and
         ``"response_mask"`` (``[batch_size, T]`` bool), with ``get_state``/``set_state``.
     """
-    if not examples:
-        raise ValueError("no examples")
     shard_index, shard_count = _shard(shard_index, shard_count, batch_size)
     buckets = check_buckets(seq_buckets)
     pad_id = pad_token_id(tokenizer)
-    prompt_strs = [p for p, _ in examples]
-    response_strs = [r for _, r in examples]
-    prompt_ids = tokenizer(prompt_strs)["input_ids"]
-    response_ids = tokenizer(response_strs, add_special_tokens=False)["input_ids"]
-    if append_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("append_eos=True but the tokenizer has no EOS token")
-        eos = tokenizer.eos_token_id
-        # A chat-template response already ends with the end-of-turn token, which is the EOS
-        # of many chat tokenizers (Qwen2.5-Instruct's <|im_end|>): not twice.
-        response_ids = [r if r and r[-1] == eos else r + [eos] for r in response_ids]
-    stats = _row_stats([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)],
-                       buckets, truncate)
-    try:
-        prompt_ids, response_ids, _ = fit_to_length(
-            prompt_ids, response_ids, buckets[-1] + 1, truncate,
-            names=_names(sources, len(examples))
-        )
-    except ValueError as e:  # truncate="error": say which widths would hold every row
-        raise ValueError(f"{e}; {describe_cuts(stats)}") from None
-    if not prompt_ids:
-        raise ValueError(f"all {len(examples)} examples were dropped as longer than {buckets[-1]}")
+    prompt_ids, response_ids, stats = _tokenize_pairs(examples, tokenizer, buckets, truncate,
+                                                      append_eos, sources)
     lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
     _log_buckets(lengths, buckets)
 
@@ -227,6 +207,134 @@ def make_sft_iterator(
     }
     iterator = BatchIterator(dataset, fingerprint, read_options)
     iterator.stats = stats
+    return iterator
+
+
+def _tokenize_pairs(examples, tokenizer, buckets: tuple[int, ...], truncate: Truncate,
+                    append_eos: bool, sources) -> tuple[list[list[int]], list[list[int]], dict]:
+    """Tokenized ``(prompt, response)`` pairs fitted to the widest bucket (``T + 1``
+    tokens) by the ``truncate`` policy, and the length statistics before fitting."""
+    longest = buckets[-1]
+    if not examples:
+        raise ValueError("no examples")
+    prompt_ids = tokenizer([p for p, _ in examples])["input_ids"]
+    response_ids = tokenizer([r for _, r in examples], add_special_tokens=False)["input_ids"]
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("append_eos=True but the tokenizer has no EOS token")
+        eos = tokenizer.eos_token_id
+        # A chat-template response already ends with the end-of-turn token, which is the EOS
+        # of many chat tokenizers (Qwen2.5-Instruct's <|im_end|>): not twice.
+        response_ids = [r if r and r[-1] == eos else r + [eos] for r in response_ids]
+    stats = _row_stats([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)],
+                       buckets, truncate)
+    try:
+        prompt_ids, response_ids, _ = fit_to_length(
+            prompt_ids, response_ids, longest + 1, truncate, names=_names(sources, len(examples)))
+    except ValueError as e:  # truncate="error": say which widths would hold every row
+        raise ValueError(f"{e}; {describe_cuts(stats)}") from None
+    if not prompt_ids:
+        raise ValueError(f"all {len(examples)} examples were dropped as longer than {longest}")
+    return prompt_ids, response_ids, stats
+
+
+class _PackedBatches:
+    """Global batches of packed rows, epoch by epoch: ``[k]`` is the k-th batch's rows (lists
+    of sequence indices). Each epoch shuffles the sequences by ``(seed, epoch)`` and packs
+    them first-fit (``packing.plan_rows``); its last, partial batch is dropped. Epochs are
+    planned when first reached, so an endless iterator costs one epoch of planning at a
+    time, and the k-th batch is the same in every process and after every resume."""
+
+    def __init__(self, lengths: np.ndarray, width: int, global_rows: int, seed: int,
+                 num_epochs: int | None):
+        self.lengths, self.width, self.global_rows = lengths, width, global_rows
+        self.seed, self.num_epochs = seed, num_epochs
+        self._epochs: list[list[list[list[int]]]] = []  # epoch -> batch -> row -> indices
+        if not self._epoch(0):
+            raise ValueError(f"{len(lengths)} examples pack into fewer rows than one global "
+                             f"batch of {global_rows} rows of width {width}")
+
+    def _epoch(self, e: int) -> list[list[list[int]]]:
+        while len(self._epochs) <= e:
+            k = len(self._epochs)
+            order = np.random.default_rng([self.seed, k]).permutation(len(self.lengths))
+            rows = [[int(order[i]) for i in row]
+                    for row in packing.plan_rows(self.lengths[order], self.width)]
+            if k == 0:  # real positions over all of epoch 0's rows
+                self.fill = float(np.sum(self.lengths - 1)) / (len(rows) * self.width)
+            n = len(rows) // self.global_rows
+            self._epochs.append([rows[b * self.global_rows:(b + 1) * self.global_rows]
+                                 for b in range(n)])
+        return self._epochs[e]
+
+    def rows_per_epoch(self) -> int:
+        """Packed rows in the first epoch's full batches (an epoch's length in rows)."""
+        return len(self._epoch(0)) * self.global_rows
+
+    def __len__(self) -> int:
+        if self.num_epochs is None:
+            return sys.maxsize
+        return sum(len(self._epoch(e)) for e in range(self.num_epochs))
+
+    def __getitem__(self, k: int) -> list[list[int]]:
+        e = 0
+        while k >= len(self._epoch(e)):
+            k -= len(self._epoch(e))
+            e += 1
+        return self._epoch(e)[k]
+
+
+def make_packed_sft_iterator(
+    examples: Sequence[tuple[str, str]],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    width: int,
+    seed: int,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    truncate: Truncate = "error",
+    append_eos: bool = True,
+    sources: Sequence[str] | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> BatchIterator[dict[str, np.ndarray]]:
+    """Batches of packed SFT rows (``jaxalign.data.packing``): ``batch_size`` rows of
+    ``width`` positions per process, each holding whole ``(prompt, response)`` sequences.
+
+    Tokenization, fitting (``truncate`` against ``width``), EOS, sharding and resuming are
+    ``make_sft_iterator``'s; one shape ``[batch_size, width]`` only. A batch holds as many
+    sequences as fit, so an epoch is fewer steps than unpacked (``rows_per_epoch``).
+
+    Returns:
+        A ``BatchIterator`` of ``input_ids``, ``labels``, ``segment_ids`` (``[batch_size,
+        width]`` int32) and ``response_mask`` (bool); ``it.rows_per_epoch`` is the number
+        of packed rows in an epoch (all processes together).
+    """
+    shard_index, shard_count = _shard(shard_index, shard_count, batch_size)
+    pad_id = pad_token_id(tokenizer)
+    prompt_ids, response_ids, stats = _tokenize_pairs(examples, tokenizer, (width,), truncate,
+                                                      append_eos, sources)
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
+    batches = _PackedBatches(lengths, width, batch_size * shard_count, seed, num_epochs)
+    lo, hi = shard_index * batch_size, (shard_index + 1) * batch_size  # this process's rows
+
+    def local_batch(rows: list[list[int]]) -> dict[str, np.ndarray]:
+        return packing.collate_packed(prompt_ids, response_ids, rows[lo:hi], pad_id, width)
+
+    dataset = grain.MapDataset.source(batches).map(local_batch)
+    fingerprint = {
+        "kind": "sft_packed",
+        "seed": seed,
+        "global_batch_size": batch_size * shard_count,
+        "width": width,
+        "num_examples": len(lengths),
+        "checksum": _checksum(prompt_ids, response_ids),
+    }
+    iterator = BatchIterator(dataset, fingerprint, read_options)
+    iterator.stats = stats
+    iterator.rows_per_epoch = batches.rows_per_epoch()
+    iterator.stats["packed_fill"] = batches.fill
     return iterator
 
 

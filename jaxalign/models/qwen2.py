@@ -519,7 +519,8 @@ class Qwen2Model(nnx.Module):
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static, not a parameter
 
     def __call__(
-        self, input_ids, attention_mask=None, positions=None, cache=None, fresh_cache=False
+        self, input_ids, attention_mask=None, positions=None, cache=None, fresh_cache=False,
+        segment_ids=None,
     ):
         """input_ids [B, T] -> hidden states [B, T, D] (after the final norm).
 
@@ -528,10 +529,22 @@ class Qwen2Model(nnx.Module):
         from each row's ``next_pos``. ``fresh_cache=True`` promises an empty cache (a
         prefill): the tokens go to slots ``[0, T)`` and attend among themselves only, not
         over all S slots.
+
+        ``segment_ids`` [B, T] (packed rows, no cache): several sequences per row, numbered
+        1, 2, ... (0: padding); a token attends only within its own segment and positions
+        restart at 0 in each (``positions_from_segments``), so each sequence computes
+        exactly what it would alone in a row of its own.
         """
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training, not with a cache")
+            segment_ids = jnp.asarray(segment_ids)
+            attention_mask = segment_ids > 0
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
         attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
@@ -543,6 +556,10 @@ class Qwen2Model(nnx.Module):
 
         cos, sin = self._rope(positions)  # [B, T, H]
         key_mask, index, full_mask, window_mask = self._masks(attention_mask, cache, fresh_cache)
+        if segment_ids is not None:  # [B, 1, T, T]: no attention across packed sequences
+            same = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            full_mask &= same
+            window_mask = None if window_mask is None else window_mask & same
 
         # The lookup's output would follow the embedding's layout ([V, D over fsdp]); pin it
         # to the batch sharding so each device keeps its own rows through every layer and the
@@ -646,16 +663,20 @@ class Qwen2ForCausalLM(nnx.Module):
         else:
             self.lm_head = None
 
-    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None):
-        """-> logits [B, T, V]; with ``cache`` -> ``(logits, new_cache)``."""
+    def __call__(self, input_ids, attention_mask=None, *, positions=None, cache=None,
+                 segment_ids=None):
+        """-> logits [B, T, V]; with ``cache`` -> ``(logits, new_cache)``. ``segment_ids``
+        [B, T]: packed rows (``Qwen2Model.__call__``)."""
         if cache is not None:
             hidden, cache = self.model(input_ids, attention_mask, positions, cache)
             return self.logits(hidden), cache
-        return self.logits(self.hidden_states(input_ids, attention_mask, positions=positions))
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions=positions,
+                                              segment_ids=segment_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None):
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None,
+                      segment_ids=None):
         """Final-norm hidden states [B, T, D] (for chunked losses that skip full logits)."""
-        return self.model(input_ids, attention_mask, positions)
+        return self.model(input_ids, attention_mask, positions, segment_ids=segment_ids)
 
     def init_cache(self, batch: int, size: int, dtype=None) -> KVCache:
         """An empty KV cache for ``batch`` rows and ``size`` slots (prompt + new tokens)."""
@@ -684,6 +705,17 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """
     m = attention_mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids (1, 2, ... per packed sequence, 0 padding) -> [B, T] int32
+    positions restarting at 0 at each segment's first token (padding gets 0)."""
+    seg = jnp.asarray(segment_ids)
+    index = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], -1)
+    # each token's segment start: the running maximum of the start indices seen so far
+    start = jax.lax.cummax(jnp.where(starts, index, 0), axis=seg.ndim - 1)
+    return jnp.where(seg > 0, index - start, 0)
 
 
 def causal_padding_mask(

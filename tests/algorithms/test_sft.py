@@ -1,6 +1,7 @@
 """SFT: the loss, an end-to-end run whose loss falls, and resume after SIGKILL."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -68,6 +69,21 @@ def test_sft_run_loss_falls_and_writes_the_run_dir(tmp_path):
     from jaxalign.models import from_pretrained
 
     assert from_pretrained(str(tmp_path / "run" / "hf")).config.num_hidden_layers == 2
+
+
+def test_packed_sft_learns_and_spans_its_epochs_in_packed_rows(tmp_path, capsys):
+    """train.packing: rows of max(seq_buckets) filled with whole sequences; the loss falls
+    as unpacked, and train.epochs counts packed rows (fewer steps than unpacked)."""
+    cfg = _sft_config(tmp_path)
+    cfg.train.packing, cfg.train.seq_buckets, cfg.train.batch_size = True, (192,), 8
+    cfg.train.steps, cfg.train.epochs = 0, 1.0
+    summary = train.run(cfg)
+    out = capsys.readouterr().out
+    assert re.search(r"SFT packing: 39\d sequences in \d+ rows of 192 positions", out), out
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert summary["steps"] == len(records) < 400 / 8 / 2  # each row holds several
+    assert records[-1]["train/loss"] < 0.6 * records[0]["train/loss"]
+    assert summary["epochs"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_sft_config_errors(tmp_path):
