@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxalign import sharding as sharding_lib
+from jaxalign.models import lora as lora_lib
 from jaxalign.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, abstract_model
 
 SAFE_SINGLE = "model.safetensors"
@@ -330,6 +331,9 @@ def save_pretrained(
     tokenizer: ``tokenizer.save_pretrained`` when given, else the tokenizer files of the
     directory the model was loaded from.
 
+    A model with LoRA adapters is written merged (``lora.merge_lora``): a plain checkpoint
+    that any tool loads; ``lora_io.save_adapter`` writes the adapter alone.
+
     Args:
         dtype: dtype of the written tensors (default: the parameter dtype). Use bfloat16 for
             a half-size export for vLLM.
@@ -337,6 +341,8 @@ def save_pretrained(
     Returns:
         The output directory.
     """
+    if lora_lib.has_lora(model):
+        model = lora_lib.merge_lora(model)
     out = Path(out_dir)
     # Process 0 is the only writer; every process joins every gather. A failed write is
     # raised after the last gather, so it never leaves the other processes waiting.
