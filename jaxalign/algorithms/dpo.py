@@ -361,4 +361,5 @@ class DPO(Algorithm):
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """DPO as configured; returns the summary (also written to ``summary.json``)."""
-    return drive(DPO(cfg, run_dir))
+    started = time.time()  # the set-up (model, data, warm start) counts in wall_time_s
+    return drive(DPO(cfg, run_dir), started)

@@ -100,10 +100,12 @@ class Algorithm:
         return "held-out"
 
 
-def drive(algo: Algorithm) -> dict[str, Any]:
+def drive(algo: Algorithm, started: float | None = None) -> dict[str, Any]:
     """Runs ``algo`` from its latest checkpoint (or the start) to ``algo.steps``; returns the
-    summary (also written to ``summary.json``)."""
-    t0 = time.time()
+    summary (also written to ``summary.json``). ``started``: the ``time.time()`` the run
+    began (before ``algo`` was built: its set-up, e.g. the demo's warm start, counts in
+    ``wall_time_s``)."""
+    t0 = time.time() if started is None else started
     cfg, run, steps = algo.cfg, algo.run, algo.steps
     main = jax.process_index() == 0
     extra = run.resume(algo.trainer, algo.iterators())

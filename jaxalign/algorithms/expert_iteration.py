@@ -190,4 +190,5 @@ class ExpertIteration(PolicyRun):
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """Expert Iteration as configured; returns the summary (also in ``summary.json``)."""
-    return drive(ExpertIteration(cfg, run_dir))
+    started = time.time()  # the set-up (model, data, warm start) counts in wall_time_s
+    return drive(ExpertIteration(cfg, run_dir), started)

@@ -49,6 +49,7 @@ reward before and after GRPO.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -489,4 +490,5 @@ class GRPO(PolicyRun):
 
 def run(cfg: ml_collections.ConfigDict, run_dir: Path) -> dict[str, Any]:
     """GRPO as configured; returns the summary (also in ``summary.json``)."""
-    return drive(GRPO(cfg, run_dir))
+    started = time.time()  # the set-up (model, data, warm start) counts in wall_time_s
+    return drive(GRPO(cfg, run_dir), started)
