@@ -1,15 +1,23 @@
-"""The JAX-native rollout engine: batched prefill + jitted KV-cache decoding.
+"""The JAX-native rollout engine: shared-prefix prefill + jitted KV-cache decoding.
 
 The embedded default on CPU and TPU (no extra process). Layout of a generate call:
 
-1. Prompts (strings or token ids) are expanded ``n`` times and cut into micro-batches of
-   at most ``max_batch_size`` rows; each micro-batch is left-padded to a power-of-two
-   length bucket and its row count to a power of two, so the jitted functions see a
-   bounded set of shapes (logged as ``num_compiles``).
-2. ``_prefill`` runs the prompt through the model, filling a KV cache of
-   ``prompt bucket + max_tokens`` slots (allocated inside the jitted call).
-3. ``_decode`` is a ``lax.while_loop`` that samples a token, appends it and stops early when
-   every row has finished. With stop strings it runs in chunks of ``decode_chunk`` steps;
+1. Prompts (strings or token ids) are expanded ``n`` times into rows and cut into
+   micro-batches of at most ``max_batch_size`` rows, whole prompts at a time (all ``n``
+   samples of a prompt together, unless ``n`` alone exceeds the batch).
+2. ``_prefill`` runs each distinct prompt of a micro-batch through the model once (prefix
+   sharing: GRPO's ``n`` samples of a prompt share one prefill) and copies its KV cache and
+   last logits to the rows that continue it. Prompts are left-padded to a power-of-two
+   length bucket ``P``, and the prompt and row counts to powers of two, so the jitted
+   functions see a bounded set of shapes (logged as ``num_compiles``); the rows' cache has
+   ``P + max_tokens`` slots.
+3. ``_decode`` is a ``lax.while_loop`` that samples a token for every slot (the batch the
+   model runs), appends it and stops when every row has finished, when ``end`` is reached,
+   or when half the slots or more hold finished rows. Then the host compacts
+   (``_compact``): the unfinished rows move into a batch of the next power of two (at
+   least ``MIN_DECODE_BATCH``) and decoding goes on, so on long-tailed response lengths
+   finished rows stop costing decode work. Outputs are indexed by row, not slot, so they
+   never move. With stop strings decoding runs in chunks of ``decode_chunk`` steps;
    between chunks the host decodes the new text of unfinished rows and ends those whose
    text now contains a stop string (a stop string can span several tokens, so it is
    matched on text, not token ids).
@@ -17,13 +25,14 @@ The embedded default on CPU and TPU (no extra process). Layout of a generate cal
 Sampled log-probs are those of the raw model distribution (temperature 1, no filtering):
 exactly what a teacher-forced forward pass of the same model gives for the same tokens.
 
-Randomness is per row: sample ``j`` of prompt ``i`` draws from
-``fold_in(key(seed), (prompt_offset + i) * n + j)``, whatever micro-batch or padding it
-lands in. So the samples do not depend on ``max_batch_size``, and processes that each
-generate their share of a global prompt batch (passing the share's offset) draw exactly
-what one process generating all of it would. With ``seeds=`` (one per prompt) sample
-``j`` of prompt ``i`` draws from ``fold_in(key(seeds[i]), j)`` instead: what prompt ``i``
-alone, generated with ``seed=seeds[i]``, would draw, whatever else is in the call
+Randomness is per row: sample ``j`` of prompt ``i`` draws its ``t``-th token from
+``fold_in(fold_in(key(seed), (prompt_offset + i) * n + j), t)``, whatever micro-batch,
+slot, padding or compaction it goes through. So the samples do not depend on
+``max_batch_size``, and processes that each generate their share of a global prompt batch
+(passing the share's offset) draw exactly what one process generating all of it would.
+With ``seeds=`` (one per prompt) sample ``j`` of prompt ``i`` draws from
+``fold_in(key(seeds[i]), j)`` instead: what prompt ``i`` alone, generated with
+``seed=seeds[i]``, would draw, whatever else is in the call
 (``jaxalign.evaluation.generate_seeded``).
 
 Multi-process: given a mesh that spans several processes, the engine works on this
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.struct
@@ -56,20 +65,53 @@ from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 SAMPLING_RULES = {**sharding_lib.PARAM_RULES, "embed": None}
 
 
+# Compaction never goes below this many slots: a decode step of 8 rows costs about what one
+# of 1 does (it reads all the weights either way), and each smaller batch would compile.
+MIN_DECODE_BATCH = 8
+
+
 @flax.struct.dataclass
 class _Carry:
-    cache: KVCache
-    logits: jax.Array  # [B, V] float32, the distribution of the next token
-    tokens: jax.Array  # [B, M] int32
-    logprobs: jax.Array  # [B, M] float32
-    lengths: jax.Array  # [B] int32, tokens generated so far (EOS included)
-    done: jax.Array  # [B] bool
-    step: jax.Array  # int32
-    rng: jax.Array  # [B] keys, one stream per row
+    """The decode loop's state. Slots (``B``) are the batch the model runs; rows (``R``,
+    fixed per micro-batch) are its completions. Compaction moves rows to other slots;
+    outputs are indexed by row, so they never move.
+    """
+
+    cache: KVCache  # B slots
+    logits: jax.Array  # [B, V] float32, the distribution of each slot's next token
+    rng: jax.Array  # [B] keys: the stream of the row in each slot
+    slot_row: jax.Array  # [B] int32: the row each slot holds (R, out of range: none)
+    first_row: jax.Array  # int32: row 0's index in the generate call (for logits_hook)
+    tokens: jax.Array  # [R, M] int32
+    logprobs: jax.Array  # [R, M] float32
+    lengths: jax.Array  # [R] int32, tokens generated so far (EOS included)
+    done: jax.Array  # [R] bool (filler rows: True from the start)
+    step: jax.Array  # int32, decode steps run (every slot writes cache slot P + step)
 
 
 def _next_pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
+
+
+def _prompt_bucket(x: int) -> int:
+    """The padded length ``P`` for a longest prompt of ``x`` tokens: a power of two up to
+    128 (at least 16), then four buckets per doubling (160, 192, 224, 256, 320, ...).
+
+    Finer than powers of two because every decode step attends over every cache slot,
+    padding included: at 21M parameters on CPU attention over a 768-slot cache costs more
+    than the step's matmuls (benchmarks/rollout_grpo.py's prompts run to 333 tokens).
+    """
+    if x <= 128:
+        return _next_pow2(x, minimum=16)
+    quarter = 1 << (x.bit_length() - 3)
+    return -(-x // quarter) * quarter
+
+
+def _cache_room(step: int, max_tokens: int) -> int:
+    """Generated tokens the cache holds while step ``step`` is decoded: 32, 64, 128, ... up
+    to ``max_tokens``. The cache grows as rows get longer, so early steps (with the most
+    rows) do not attend over slots that later tokens will fill."""
+    return min(max_tokens, _next_pow2(step + 1, minimum=32))
 
 
 class JaxEngine:
@@ -85,6 +127,13 @@ class JaxEngine:
         decode_chunk: decode steps between stop-string checks on the host.
         eos_token_ids: ids that end a completion (default: the tokenizer's EOS).
         pad_token_id: id used for padding (default: the tokenizer's pad, else EOS, else 0).
+        logits_hook: for benchmarks and tests that script lengths or tokens: a traceable
+            ``hook(logits [B, V], rows [B], n_tokens [B]) -> logits [B, V]`` applied to the
+            distribution each token is sampled from (after min_tokens' masking; reported
+            log-probs stay the model's). ``rows`` is each slot's row in the generate call
+            (prompt ``i``, sample ``j``: ``i * n + j``; meaningless for filler slots),
+            ``n_tokens`` how many tokens that row has so far. Arrays it closes over are
+            baked in when the decode loop is first traced.
     """
 
     def __init__(
@@ -97,6 +146,7 @@ class JaxEngine:
         decode_chunk: int = 32,
         eos_token_ids: Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        logits_hook: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
     ):
         cfg = model.config
         # Decoding attends one query to the cache: the plain path reads the cache in place
@@ -120,14 +170,20 @@ class JaxEngine:
         self.weights_version = 0
         self.state = self._place(nnx.state(model, nnx.Param))
         self._prefill = jax.jit(
-            functools.partial(_prefill, self.graphdef), static_argnames=("max_tokens", "pad_id")
+            functools.partial(_prefill, self.graphdef),
+            static_argnames=("max_tokens", "room", "pad_id"),
         )
         self._decode = jax.jit(
-            functools.partial(_decode, self.graphdef),
+            functools.partial(_decode, self.graphdef, logits_hook=logits_hook),
             static_argnames=("greedy", "use_top_k", "use_top_p"),
             donate_argnums=(1,),
         )
+        self._compact = jax.jit(_compact)
+        self._grow = jax.jit(_grow, static_argnames=("room",))
         self.shapes_seen: set[tuple] = set()
+        # Decode work done so far, in slots x steps (filler and finished rows' slots
+        # included): what benchmarks/rollout_grpo.py compares with the useful tokens.
+        self.slot_steps = 0
 
     # --- weights ------------------------------------------------------------------------
 
@@ -215,55 +271,78 @@ class JaxEngine:
                     f"that is {len(ids) + params.max_tokens} positions > the model's "
                     f"max_position_embeddings={context}: lower max_tokens or shorten the prompt"
                 )
-        rows = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
         out: list[list[Completion | None]] = [[None] * params.n for _ in encoded]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start : start + self.max_batch_size]
+        for first_row, chunk in self._micro_batches(len(encoded), params.n):
             if seeds is None:  # the low 32 bits, as jax.random.key(params.seed) keeps them
                 seed = params.seed & 0xFFFFFFFF
                 keys = [(seed, (prompt_offset + i) * params.n + j) for i, j in chunk]
             else:
                 keys = [(seeds[i], j) for i, j in chunk]
-            completions = self._generate_batch([encoded[i] for i, _ in chunk], params, keys)
+            completions = self._generate_batch(
+                [encoded[i] for i, _ in chunk], params, keys, first_row
+            )
             for (i, j), c in zip(chunk, completions, strict=True):
                 out[i][j] = c
         return out  # type: ignore[return-value]
 
+    def _micro_batches(self, n_prompts: int, n: int) -> list[tuple[int, list[tuple[int, int]]]]:
+        """The call's rows ``(prompt i, sample j)`` in micro-batches, each with the index of
+        its first row. Whole prompts per micro-batch (their samples share one prefill, and
+        the number of distinct prompts stays the same from batch to batch, which bounds the
+        compiles); a prompt with more samples than ``max_batch_size`` is split."""
+        rows = [(i, j) for i in range(n_prompts) for j in range(n)]
+        size = self.max_batch_size
+        if n <= size:
+            size -= size % n
+        return [(s, rows[s : s + size]) for s in range(0, len(rows), size)]
+
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, keys: list[tuple[int, int]]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        keys: list[tuple[int, int]],
+        first_row: int,
     ) -> list[Completion]:
-        """One static-shape batch: pack the prompts, prefill, decode until every row is
-        done, unpack the rows into ``Completion``s.
+        """One micro-batch: pack the prompts, prefill each distinct one, decode until every
+        row is done (compacting as rows finish), unpack the rows into ``Completion``s.
 
         Args:
             prompts: token ids of each row's prompt (at most ``max_batch_size`` rows).
             keys: each row's random stream, ``(seed, row id)``.
+            first_row: the index of ``prompts[0]``'s row in the generate call.
         """
-        ids, mask = self._pack(prompts)
-        carry = self._prefill_rows(ids, mask, keys, len(prompts), params.max_tokens)
+        ids, mask, prompt_of_row = self._pack(prompts)
+        carry = self._prefill_rows(ids, mask, prompt_of_row, keys, first_row, params.max_tokens)
         carry, stop_info = self._decode_rows(carry, params, len(prompts))
         return self._unpack(carry, prompts, params, stop_info)
 
-    def _pack(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, mask)``, both ``[B, P]``: the prompts left-padded to ``P`` (a power of
-        two, >= 16) in ``B`` rows (a power of two); filler rows hold one dummy token so
-        that every row is well-defined."""
-        b = _next_pow2(len(prompts))
-        p = _next_pow2(max(len(x) for x in prompts), minimum=16)
-        ids = np.full((b, p), self.pad_token_id, np.int32)
-        mask = np.zeros((b, p), np.bool_)
+    def _pack(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, mask, prompt_of_row)``: the distinct prompts left-padded to ``P``
+        (``_prompt_bucket``) in ``G`` rows (a power of two), ``ids`` and ``mask`` both ``[G, P]``,
+        and for each of ``B`` rows (``len(prompts)`` up to a power of two) the index of its
+        prompt, ``[B]`` int32 (filler rows: prompt 0). Filler prompts hold one dummy token
+        so that every row is well-defined."""
+        index: dict[tuple[int, ...], int] = {}
+        prompt_of_row = np.zeros(_next_pow2(len(prompts)), np.int32)
         for r, x in enumerate(prompts):
+            prompt_of_row[r] = index.setdefault(tuple(x), len(index))
+        distinct = list(index)
+        g = _next_pow2(len(distinct))
+        p = _prompt_bucket(max(len(x) for x in distinct))
+        ids = np.full((g, p), self.pad_token_id, np.int32)
+        mask = np.zeros((g, p), np.bool_)
+        for r, x in enumerate(distinct):
             ids[r, p - len(x) :] = x
             mask[r, p - len(x) :] = True
-        mask[len(prompts) :, -1] = True
-        return ids, mask
+        mask[len(distinct) :, -1] = True
+        return ids, mask, prompt_of_row
 
-    def _prefill_rows(self, ids: np.ndarray, mask: np.ndarray, keys: list[tuple[int, int]],
-                      n_rows: int, max_tokens: int):
-        """The prefill's decode state for a packed batch; rows past ``n_rows`` (filler)
-        are done from the start, so any stream will do for them."""
-        b, p = ids.shape
-        self.shapes_seen.add((b, p, max_tokens))
+    def _prefill_rows(self, ids: np.ndarray, mask: np.ndarray, prompt_of_row: np.ndarray,
+                      keys: list[tuple[int, int]], first_row: int, max_tokens: int) -> _Carry:
+        """The decode state after the prefill of ``_pack``'s output; rows past
+        ``len(keys)`` (filler) are done from the start, so any stream will do for them."""
+        (g, p), b, n_rows = ids.shape, len(prompt_of_row), len(keys)
+        self.shapes_seen.add(("prefill", g, b, p, max_tokens))
         keys = keys + [(0, r) for r in range(n_rows, b)]
         seeds_of_rows = np.asarray([s for s, _ in keys], np.uint32)
         ids_of_rows = np.asarray([r for _, r in keys], np.uint32)
@@ -273,26 +352,18 @@ class JaxEngine:
             self.state,
             self._shard_batch(ids),
             self._shard_batch(mask),
+            self._shard_batch(prompt_of_row),
             self._shard_batch(seeds_of_rows),
             self._shard_batch(ids_of_rows),
             self._shard_batch(done),
+            jnp.int32(first_row),
             max_tokens=max_tokens,
+            room=_cache_room(0, max_tokens),
             pad_id=self.pad_token_id,
         )
 
-    def _decode_rows(self, carry, params: SamplingParams, n_rows: int):
-        """Decodes until every row is done or ``max_tokens`` are sampled.
-
-        Without stop strings: one jitted call for all of ``max_tokens`` (rows stop on
-        device at EOS / stop token ids). With them: chunks of ``decode_chunk`` steps, after
-        each of which the host looks for a completed stop string (``_find_stop``) and marks
-        those rows done.
-
-        Returns:
-            ``(carry, stop_info)``: the final state and, per row stopped by a string,
-            ``(tokens kept, the stop string, end of its text)``.
-        """
-        m = params.max_tokens
+    def _decode_args(self, params: SamplingParams) -> tuple[jax.Array, tuple, dict]:
+        """``_decode``'s ``(stop_ids, scalars, static flags)`` for ``params``."""
         stop_ids = jnp.asarray(self.eos_token_ids + params.stop_token_ids or (-1,), jnp.int32)
         scalars = (
             jnp.float32(max(params.temperature, 1e-6)),
@@ -306,27 +377,89 @@ class JaxEngine:
             use_top_k=params.top_k > 0,
             use_top_p=params.top_p < 1.0,
         )
+        return stop_ids, scalars, flags
+
+    def _decode_rows(self, carry: _Carry, params: SamplingParams, n_rows: int):
+        """Decodes until every row is done or ``max_tokens`` are sampled.
+
+        Without stop strings the jitted loop runs to ``max_tokens`` (rows stop on device
+        at EOS / stop token ids); with them, in chunks of ``decode_chunk`` steps, after each
+        of which the host looks for completed stop strings (``_check_stops``). The loop
+        also returns once half the slots or more hold finished rows; the host then moves
+        the unfinished rows into a smaller batch (``_compact_if_sparse``) and goes on.
+
+        Returns:
+            ``(carry, stop_info)``: the final state and, per row stopped by a string,
+            ``(tokens kept, the stop string, end of its text)``.
+        """
+        m = params.max_tokens
+        stop_ids, scalars, flags = self._decode_args(params)
         chunk = self.decode_chunk if params.stop else m
         stop_info: dict[int, tuple[int, str, int]] = {}
+        checked = np.zeros(n_rows, np.int32)  # each row's length at its last stop check
         step = 0
         while step < m:
-            end = min(step + chunk, m)
-            carry = self._decode(self.state, carry, jnp.int32(end), stop_ids, scalars, **flags)
+            self.shapes_seen.add(("decode", carry.slot_row.shape[0], *carry.tokens.shape,
+                                  carry.cache.mask.shape[1]))
+            end = jnp.int32(min(step + chunk, m))
+            slots = carry.slot_row.shape[0]
+            carry = self._decode(self.state, carry, end, stop_ids, scalars, **flags)
+            self.slot_steps += slots * (int(carry.step) - step)
             step = int(carry.step)
             done = np.array(carry.done)  # a writable copy
             if params.stop:
-                tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
-                for r in range(n_rows):
-                    if r in stop_info or lengths[r] < max(params.min_tokens, 1):
-                        continue
-                    hit = self._find_stop(tokens[r, : lengths[r]], params)
-                    if hit is not None:
-                        stop_info[r] = hit
-                        done[r] = True
-                carry = carry.replace(done=jnp.asarray(done))
-            if done.all():
+                carry = self._check_stops(carry, done, params, stop_info, checked)
+            if done.all() or step >= m:
                 break
+            carry = self._compact_if_sparse(carry, done)
+            carry = self._grow_if_full(carry, m)
         return carry, stop_info
+
+    def _check_stops(self, carry: _Carry, done: np.ndarray, params: SamplingParams,
+                     stop_info: dict, checked: np.ndarray) -> _Carry:
+        """Ends the rows whose text now holds a stop string (updating ``done`` [R] and
+        ``stop_info`` in place); rows with no new tokens since ``checked`` are skipped."""
+        tokens, lengths = np.asarray(carry.tokens), np.asarray(carry.lengths)
+        for r in range(len(checked)):
+            n_tok = int(lengths[r])
+            if r in stop_info or n_tok == checked[r] or n_tok < max(params.min_tokens, 1):
+                continue
+            checked[r] = n_tok
+            hit = self._find_stop(tokens[r, :n_tok], params)
+            if hit is not None:
+                stop_info[r] = hit
+                done[r] = True
+        return carry.replace(done=jnp.asarray(done))
+
+    def _compact_if_sparse(self, carry: _Carry, done: np.ndarray) -> _Carry:
+        """``carry`` with its unfinished rows in the next power-of-two batch (at least
+        ``MIN_DECODE_BATCH``) when half its slots or more hold finished rows; else as is.
+
+        Args:
+            done: [R] bool, each row's state (the host's copy, stop strings included).
+        """
+        slot_row = np.asarray(carry.slot_row)
+        b, n_rows = len(slot_row), len(done)
+        live = [s for s, r in enumerate(slot_row) if r < n_rows and not done[r]]
+        if b <= MIN_DECODE_BATCH or len(live) > b // 2:
+            return carry
+        new_b = _next_pow2(len(live), minimum=MIN_DECODE_BATCH)
+        filler = new_b - len(live)  # copies of a live slot that hold no row
+        take = np.asarray(live + live[:1] * filler, np.int32)
+        rows = np.concatenate([slot_row[live], np.full(filler, n_rows, np.int32)])
+        self.shapes_seen.add(("compact", b, new_b, n_rows, carry.cache.mask.shape[1]))
+        return self._compact(carry, self._shard_batch(take), self._shard_batch(rows))
+
+    def _grow_if_full(self, carry: _Carry, max_tokens: int) -> _Carry:
+        """``carry`` with room in its cache for the next step's tokens (``_cache_room``)."""
+        step, slots = int(carry.step), carry.cache.mask.shape[1]
+        prompt = int(carry.cache.index) - step
+        if prompt + step < slots:
+            return carry
+        room = _cache_room(step, max_tokens)
+        self.shapes_seen.add(("grow", carry.slot_row.shape[0], carry.done.shape[0], slots,
+                              prompt + room))
+        return self._grow(carry, room=prompt + room)
 
     def _unpack(self, carry, prompts: list[list[int]], params: SamplingParams,
                 stop_info: dict[int, tuple[int, str, int]]) -> list[Completion]:
@@ -409,81 +542,142 @@ class JaxEngine:
 
     @property
     def num_compiles(self) -> int:
-        """Distinct (batch, prompt bucket, max_tokens) shapes compiled so far."""
+        """Distinct shapes the jitted prefill, decode loop and compaction have run at (each
+        compiles once per shape; ``shapes_seen`` lists them). Per prompt bucket and
+        ``max_tokens``: one prefill per (prompt count, row count) bucket, one decode loop per
+        power-of-two slot count from the micro-batch's rows down to ``MIN_DECODE_BATCH``,
+        and one compaction per pair of those. Sampling switches (greedy, top-k, top-p) and
+        the number of stop ids add variants of the decode loop on top."""
         return len(self.shapes_seen)
 
 
-def _prefill(graphdef, state, ids, mask, row_seeds, row_ids, done, *, max_tokens, pad_id):
-    """Runs the prompts ids, mask [B, P] into a fresh cache -> the decode loop's start.
+def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done, first_row,
+             *, max_tokens, room, pad_id) -> _Carry:
+    """Runs the distinct prompts ``ids``, ``mask`` [G, P] through the model once and gives
+    each of the B rows a copy of its prompt's cache and last logits -> the decode loop's start.
 
-    Row ``r`` draws from ``fold_in(key(row_seeds[r]), row_ids[r])``; ``done`` [B] marks
-    filler rows.
+    Args:
+        prompt_of_row: [B] int32, the prompt each row continues.
+        row_seeds, row_ids: [B] uint32; row ``r`` draws from
+            ``fold_in(key(row_seeds[r]), row_ids[r])``.
+        done: [B] bool, the filler rows.
+        first_row: int32, row 0's index in the generate call.
+        max_tokens: the rows' output length; room: the cache's slots past the prompt.
+
     Only the last position goes through the LM head (its logits are all decoding needs).
     """
     model = nnx.merge(graphdef, state)
-    b, p = ids.shape
-    cache = KVCache.init(model.config, b, p + max_tokens)
+    g, p = ids.shape
+    cache = KVCache.init(model.config, g, p)
     hidden, cache = model.model(ids, mask, cache=cache, fresh_cache=True)
-    logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    logits = model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [G, V]
+
+    def to_rows(x, slot_axis):  # [G, ...] -> [B, ...], slots grown from P to P + room
+        x = jnp.take(x, prompt_of_row, axis=0)
+        pad = [(0, 0)] * x.ndim
+        pad[slot_axis] = (0, room)
+        return jnp.pad(x, pad)
+
+    b = prompt_of_row.shape[0]
+    cache = KVCache(
+        k=tuple(to_rows(k, 3) for k in cache.k),  # [B, K, H, S]
+        v=tuple(to_rows(v, 2) for v in cache.v),  # [B, K, S, H]
+        mask=to_rows(cache.mask, 1),
+        index=cache.index,
+        next_pos=jnp.take(cache.next_pos, prompt_of_row, axis=0),
+    )
     return _Carry(
         cache=cache,
-        logits=logits,
+        logits=jnp.take(logits, prompt_of_row, axis=0),
+        rng=jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids),
+        slot_row=jnp.arange(b, dtype=jnp.int32),
+        first_row=first_row,
         tokens=jnp.full((b, max_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((b, max_tokens), jnp.float32),
         lengths=jnp.zeros((b,), jnp.int32),
         done=done,
         step=jnp.zeros((), jnp.int32),
-        rng=jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids),
     )
 
 
-def _decode(
-    graphdef, state, carry: _Carry, end, stop_ids, scalars, *, greedy, use_top_k, use_top_p
-) -> _Carry:
-    """Samples tokens until step ``end`` or until every row is done."""
+def _decode(graphdef, state, carry: _Carry, end, stop_ids, scalars, *, greedy, use_top_k,
+            use_top_p, logits_hook=None) -> _Carry:
+    """Samples a token per slot until step ``end``, until every row is done, until the
+    cache is full, or until half the slots or more hold finished rows (time to compact;
+    never at ``MIN_DECODE_BATCH`` slots or fewer).
+
+    Args:
+        end: int32, the step to stop at; stop_ids: [E] int32 (EOS and stop token ids);
+        scalars: ``(temperature, top_k, top_p, min_tokens, pad_id)``, traced.
+    """
     temperature, top_k, top_p, min_tokens, pad_id = scalars
     model = nnx.merge(graphdef, state)
+    b, (n_rows, max_tokens) = carry.slot_row.shape[0], carry.tokens.shape
+
+    def live(c: _Carry):  # [B] bool: the slot holds an unfinished row
+        return ~jnp.take(c.done, c.slot_row, mode="fill", fill_value=True)
 
     def cond(c: _Carry):
-        return (c.step < end) & ~jnp.all(c.done)
+        n_live = jnp.sum(live(c))
+        sparse = (2 * n_live <= b) & (b > MIN_DECODE_BATCH)
+        full = c.cache.index >= c.cache.mask.shape[1]  # the host grows it (_cache_room)
+        return (c.step < end) & (n_live > 0) & ~sparse & ~full
 
     def body(c: _Carry) -> _Carry:
-        logits = mask_tokens(
-            c.logits, stop_ids, jnp.broadcast_to(c.step < min_tokens, c.done.shape)
-        )
-        keys = jax.vmap(jax.random.fold_in, (0, None))(c.rng, c.step)  # [B]
-        tok, _ = sample_tokens(
-            keys,
-            logits,
-            temperature,
-            top_k,
-            top_p,
-            greedy=greedy,
-            use_top_k=use_top_k,
-            use_top_p=use_top_p,
-        )
+        active = live(c)
+        n_tok = jnp.take(c.lengths, c.slot_row, mode="fill", fill_value=0)  # [B]
+        logits = mask_tokens(c.logits, stop_ids, n_tok < min_tokens)
+        if logits_hook is not None:
+            logits = logits_hook(logits, c.first_row + c.slot_row, n_tok)
+        # A row's t-th token uses fold_in(its key, t), whatever slot or step it is at.
+        keys = jax.vmap(jax.random.fold_in)(c.rng, n_tok)  # [B]
+        tok, _ = sample_tokens(keys, logits, temperature, top_k, top_p, greedy=greedy,
+                               use_top_k=use_top_k, use_top_p=use_top_p)
         # The reported log-prob is the model's own (before min_tokens masks EOS), so it
         # equals a teacher-forced forward pass: GRPO's ratios and drift metrics rely on it.
         logp = token_logprobs(c.logits, tok)
-        active = ~c.done
         tok = jnp.where(active, tok, pad_id)
-        tokens = jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step))
-        logprobs = jax.lax.dynamic_update_slice(
-            c.logprobs, jnp.where(active, logp, 0.0)[:, None], (0, c.step)
-        )
-        lengths = c.lengths + active.astype(jnp.int32)
-        done = c.done | (active & jnp.isin(tok, stop_ids))
-        next_logits, cache = model(
-            tok[:, None], jnp.ones_like(tok[:, None], jnp.bool_), cache=c.cache
-        )
+        row = jnp.where(active, c.slot_row, n_rows)  # finished and filler slots: dropped
+        finished = jnp.isin(tok, stop_ids) | (n_tok + 1 >= max_tokens)
+        next_logits, cache = model(tok[:, None], jnp.ones_like(tok[:, None], jnp.bool_),
+                                   cache=c.cache)
         return c.replace(
             cache=cache,
             logits=next_logits[:, -1].astype(jnp.float32),
-            tokens=tokens,
-            logprobs=logprobs,
-            lengths=lengths,
-            done=done,
+            tokens=c.tokens.at[row, n_tok].set(tok, mode="drop"),
+            logprobs=c.logprobs.at[row, n_tok].set(logp, mode="drop"),
+            lengths=c.lengths.at[row].add(1, mode="drop"),
+            done=c.done.at[row].set(finished, mode="drop"),
             step=c.step + 1,
         )
 
     return jax.lax.while_loop(cond, body, carry)
+
+
+def _compact(carry: _Carry, take, slot_row) -> _Carry:
+    """``carry`` on the slots ``take`` [B'] (gathered from its B slots), holding the rows
+    ``slot_row`` [B'] (out of range: none). Row outputs and the cache's slot index stay."""
+
+    def gather(x):
+        return jnp.take(x, take, axis=0)
+
+    cache = carry.cache.replace(
+        k=tuple(map(gather, carry.cache.k)),
+        v=tuple(map(gather, carry.cache.v)),
+        mask=gather(carry.cache.mask),
+        next_pos=gather(carry.cache.next_pos),
+    )
+    return carry.replace(cache=cache, logits=gather(carry.logits), rng=carry.rng[take],
+                         slot_row=slot_row)
+
+
+def _grow(carry: _Carry, *, room: int) -> _Carry:
+    """``carry`` with its cache padded to ``room`` slots (empty, masked out)."""
+    cache = carry.cache
+    extra = room - cache.mask.shape[1]
+    cache = cache.replace(
+        k=tuple(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra))) for k in cache.k),
+        v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0))) for v in cache.v),
+        mask=jnp.pad(cache.mask, ((0, 0), (0, extra))),
+    )
+    return carry.replace(cache=cache)

@@ -1,8 +1,8 @@
 """SFT: the loss, an end-to-end run whose loss falls, and resume after SIGKILL."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

@@ -47,7 +47,7 @@ def _sequences(n, seed=0, vocab=250):
 def test_packed_log_probs_equal_each_sequence_alone():
     model = init_model(tiny(vocab_size=256), seed=1)
     prompts, responses = _sequences(7)
-    rows = packing.plan_rows([len(p) + len(r) for p, r in zip(prompts, responses)], 24)
+    rows = packing.plan_rows([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], 24)
     assert max(len(r) for r in rows) >= 2  # some row really holds several sequences
     packed = packing.collate_packed(prompts, responses, rows, pad_id=0, width=24)
     logits = model(packed["input_ids"], segment_ids=packed["segment_ids"])
@@ -65,7 +65,7 @@ def test_packed_log_probs_equal_each_sequence_alone():
 def test_sft_loss_and_gradients_of_a_packed_batch_equal_the_unpacked_batch(normalize_constant):
     model = init_model(tiny(vocab_size=256), seed=2)
     prompts, responses = _sequences(6, seed=3)
-    rows = packing.plan_rows([len(p) + len(r) for p, r in zip(prompts, responses)], 32)
+    rows = packing.plan_rows([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], 32)
     packed = packing.collate_packed(prompts, responses, rows, pad_id=0, width=32)
     unpacked = collate_prompt_and_output(prompts, responses, 0, pad_to=32)
     assert len(rows) < len(prompts)
