@@ -8,8 +8,8 @@ checks that run before anything is built.
   what to change. ``validate_common`` and ``check_micro_batch`` are the checks every
   algorithm shares; ``mesh_sizes`` resolves the mesh's ``-1`` axis (the one place that does).
 
-A leaf module (jax, numpy and ml_collections only), so models, data and the loops can all
-raise ``ConfigError`` without importing each other.
+``ConfigError`` and ``check`` live in ``jaxalign.errors`` (re-exported here), so models and
+data can raise them without ml_collections.
 """
 
 from __future__ import annotations
@@ -23,15 +23,9 @@ import numpy as np
 from jaxalign.data.prompts import CHAT_SYSTEM
 from jaxalign.data.synthetic import DEMO_TEMPLATE
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says what to change."""
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
+# In the leaf module ``errors`` (the sidecar's environment, without ml_collections, imports
+# it too); re-exported here, where the loops and configs look for them.
+from jaxalign.errors import ConfigError, check  # noqa: F401
 
 # --- the config blocks every algorithm shares ------------------------------------------
 
@@ -202,6 +196,26 @@ def rollout_blocks(c: ml_collections.ConfigDict) -> None:
         slip_rate=0.0,
         save_every=200,  # warm-start checkpoints: a killed warm start resumes from the last
     )
+
+
+def lora_block() -> ml_collections.ConfigDict:
+    """The ``config.lora`` block (``--config.lora.rank=16`` turns LoRA on; checked by
+    ``models.lora.validate_lora``).
+
+    Fields: ``rank`` (0 = off: full fine-tuning), ``alpha`` (scale alpha / rank),
+    ``dropout`` (on the adapter input, training only), ``target_modules`` (comma-separated
+    PEFT names; default all seven projections, ``models.lora.TARGET_MODULES``, as QLoRA
+    recommends), ``use_rslora``, ``base_dtype`` ('' keeps ``model.param_dtype``;
+    'bfloat16' halves the frozen weights).
+    """
+    return ml_collections.ConfigDict(dict(
+        rank=0,
+        alpha=32.0,
+        dropout=0.0,
+        target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        use_rslora=False,
+        base_dtype="",
+    ))
 
 
 def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on the Qwen2 projections, their merge, and the ``lora`` config block.
+"""LoRA: low-rank adapters on the Qwen2 projections, their merge, and the ``config.lora`` checks.
 
 ``apply_lora(model, LoraConfig(rank=16, alpha=32))`` swaps each targeted ``Linear`` (PEFT's
 names: ``q_proj k_proj v_proj o_proj`` in ``self_attn``, ``gate_proj up_proj down_proj`` in
@@ -45,12 +45,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxalign.config import check
+from jaxalign.errors import check
 from jaxalign.models.qwen2 import Linear, Qwen2ForCausalLM, abstract_model
 
 # PEFT's module names, and which block of a decoder layer holds each.
@@ -139,25 +138,7 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def lora_config_block() -> ml_collections.ConfigDict:
-    """The ``config.lora`` block (``--config.lora.rank=16`` turns LoRA on).
-
-    Fields: ``rank`` (0 = off: full fine-tuning), ``alpha`` (scale alpha / rank),
-    ``dropout`` (on the adapter input, training only), ``target_modules`` (comma-separated
-    PEFT names; default all seven projections, as QLoRA recommends), ``use_rslora``,
-    ``base_dtype`` ('' keeps ``model.param_dtype``; 'bfloat16' halves the frozen weights).
-    """
-    return ml_collections.ConfigDict(dict(
-        rank=0,
-        alpha=32.0,
-        dropout=0.0,
-        target_modules=",".join(TARGET_MODULES),
-        use_rslora=False,
-        base_dtype="",
-    ))
-
-
-def validate_lora(block: ml_collections.ConfigDict) -> None:
+def validate_lora(block) -> None:
     """Checks ``config.lora`` before anything is built (nothing to check when rank is 0).
 
     Raises:
@@ -171,7 +152,7 @@ def validate_lora(block: ml_collections.ConfigDict) -> None:
                   _split_targets(block.target_modules), block.base_dtype or None)
 
 
-def lora_config_from_block(block: ml_collections.ConfigDict) -> LoraConfig | None:
+def lora_config_from_block(block) -> LoraConfig | None:
     """``config.lora`` -> a validated ``LoraConfig``, or None when LoRA is off (rank 0)."""
     validate_lora(block)
     if block.rank == 0:

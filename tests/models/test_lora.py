@@ -13,7 +13,7 @@ import transformers
 from flax import nnx
 
 from jaxalign import sharding
-from jaxalign.config import ConfigError
+from jaxalign.config import ConfigError, lora_block
 from jaxalign.models import from_pretrained, init_model, lora, lora_io, qwen2, save_pretrained
 from jaxalign.models.lora import LoraConfig, apply_lora, lora_filter, merge_lora, strip_lora
 
@@ -292,7 +292,8 @@ def test_bad_lora_config_names_the_field(kwargs, field):
 
 
 def test_config_block():
-    block = lora.lora_config_block()
+    block = lora_block()
+    assert block.target_modules == ",".join(lora.TARGET_MODULES)  # the one default
     assert lora.lora_config_from_block(block) is None  # rank 0: off
     block.rank, block.dropout, block.base_dtype = 16, 0.05, "bfloat16"
     cfg = lora.lora_config_from_block(block)
