@@ -347,45 +347,67 @@ def save_pretrained(
     # Process 0 is the only writer; every process joins every gather. A failed write is
     # raised after the last gather, so it never leaves the other processes waiting.
     main = jax.process_index() == 0
-    write_error: Exception | None = None
-    cfg = model.config
     params = _params_by_key(model)
     out_dtype = jnp.dtype(dtype) if dtype is not None else None
+    sizes = {k: int(np.prod(v.shape)) * (out_dtype or v.dtype).itemsize
+             for k, v in params.items()}
+    shards = _plan_shards(sizes, max_shard_size)
+    write_error = _clear_stale_export(out) if main else None
+    weight_map, write_error = _write_shards(params, shards, out, out_dtype, main, write_error)
+    if not main:
+        return out
+    if write_error is not None:
+        raise CheckpointError(f"{out}: writing the export failed ({write_error})") from write_error
+    if len(shards) > 1:
+        (out / SAFE_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+            indent=2))
+    _write_config_and_tokenizer(model, out, out_dtype, tokenizer)
+    return out
 
-    # Plan shards by size first so each shard's tensors are gathered only while written.
-    keys = list(params)
-    sizes = {
-        k: int(np.prod(params[k].shape)) * (out_dtype or params[k].dtype).itemsize for k in keys
-    }
+
+def _plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
+    """Keys grouped into shards of at most ``max_shard_size`` bytes (in order; a tensor
+    larger than that gets a shard of its own). Planned before any gather, so each shard's
+    tensors are on the host only while it is written."""
     shards: list[list[str]] = [[]]
     current = 0
-    for k in keys:
-        if shards[-1] and current + sizes[k] > max_shard_size:
+    for k, size in sizes.items():
+        if shards[-1] and current + size > max_shard_size:
             shards.append([])
             current = 0
         shards[-1].append(k)
-        current += sizes[k]
+        current += size
+    return shards
 
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
-                stale.unlink(missing_ok=True)  # never leave an older export's shards beside
-        except OSError as e:
-            write_error = e
+
+def _clear_stale_export(out: Path) -> OSError | None:
+    """Creates ``out`` and removes an older export's shards and index (never leave them
+    beside the new ones). Returns the error instead of raising (see ``save_pretrained``)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX]:
+            stale.unlink(missing_ok=True)
+    except OSError as e:
+        return e
+    return None
+
+
+def _write_shards(params: dict, shards: list[list[str]], out: Path, out_dtype, main: bool,
+                  write_error: Exception | None) -> tuple[dict[str, str], Exception | None]:
+    """Gathers every tensor (every process, in the same order), converted to HF's layout and
+    ``out_dtype`` on device, and on process 0 writes each shard. Returns the weight map
+    and the first write error (later shards are still gathered, not written)."""
     weight_map = {}
-    names = (
-        [SAFE_SINGLE]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard_keys in zip(names, shards, strict=True):
         tensors = {}
         for k in shard_keys:
             value = params[k][...]
-            dtype_change = out_dtype is not None and out_dtype != value.dtype
             rule = _transform_index(k)
-            if dtype_change or _TRANSFORMS[rule][1] is not _IDENTITY:
+            if (out_dtype is not None and out_dtype != value.dtype) or (
+                    _TRANSFORMS[rule][1] is not _IDENTITY):
                 value = _to_hf_on_device(value, rule=rule, dtype=out_dtype)
             host = _gather(value)
             if main and write_error is None:
@@ -398,28 +420,23 @@ def save_pretrained(
             except (SafetensorError, OSError) as e:
                 write_error = e
         del tensors
-    if not main:
-        return out
-    if write_error is not None:
-        raise CheckpointError(f"{out}: writing the export failed ({write_error})") from write_error
-    if len(shards) > 1:
-        total = sum(sizes.values())
-        (out / SAFE_INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    hf_cfg = cfg.to_hf_dict()
-    hf_cfg["torch_dtype"] = str(jnp.dtype(out_dtype or cfg.param_dtype))
+    return weight_map, write_error
+
+
+def _write_config_and_tokenizer(model: Qwen2ForCausalLM, out: Path, out_dtype,
+                                tokenizer) -> None:
+    """``config.json`` (with the written dtype) and the tokenizer: ``tokenizer`` when given,
+    else the tokenizer files of the directory the model was loaded from."""
+    hf_cfg = model.config.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(jnp.dtype(out_dtype or model.config.param_dtype))
     hf_cfg.pop("dtype", None)
     hf_cfg.pop("_name_or_path", None)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    else:
-        source = getattr(model, "source_dir", None)
-        if source:
-            for name in TOKENIZER_FILES:
-                src = Path(source) / name
-                if src.is_file() and src.resolve() != (out / name).resolve():
-                    shutil.copy2(src, out / name)
-    return out
+        return
+    source = getattr(model, "source_dir", None)
+    for name in TOKENIZER_FILES if source else ():
+        src = Path(source) / name
+        if src.is_file() and src.resolve() != (out / name).resolve():
+            shutil.copy2(src, out / name)

@@ -68,78 +68,80 @@ def generate_with_budget(
     thinking, forced strings, sampled answer); ``logprobs`` is None because forced tokens
     were not sampled.
     """
-    vocab = len(tokenizer)
-
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     base = [encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    # Expand n samples into separate rows with distinct seeds: each row's loop differs.
-    rows = [(i, j) for i in range(len(base)) for j in range(params.n)]
-    context = {r: list(base[r[0]]) for r in rows}  # prompt + everything so far
-    thinking_used = dict.fromkeys(rows, 0)
-    waits_left = dict.fromkeys(rows, budget.num_waits)
-    active = list(rows)
-    round_index = 0
+    # n samples become separate rows with distinct seeds: each row's loop differs.
+    rows = [_Row(prompt=i, context=list(base[i]), waits_left=budget.num_waits)
+            for i in range(len(base)) for _ in range(params.n)]
+    active, round_index = list(rows), 0
     while active:
-        budget_left = {r: budget.max_thinking_tokens - thinking_used[r] for r in active}
-        stepping = [r for r in active if budget_left[r] > 0]
-        for r in [r for r in active if budget_left[r] <= 0]:
-            context[r] += encode(budget.force_end)
-        active = stepping
-        if not active:
-            break
-        # One generate call per distinct remaining budget keeps max_tokens exact.
-        next_active = []
-        for left in sorted({budget_left[r] for r in active}):
-            group = [r for r in active if budget_left[r] == left]
-            think = SamplingParams(
-                n=1,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                max_tokens=left,
-                stop=(budget.end_think,),
-                include_stop_str_in_output=False,
-                seed=params.seed + 7919 * round_index,
-                logprobs=False,
-            )
-            outs = engine.generate([context[r] for r in group], think)
-            for r, (c,) in zip(group, outs, strict=True):
-                ids = [t for t in c.token_ids if t < vocab]
-                if c.stop_reason == budget.end_think:
-                    ids = encode(c.text)  # the stop string's token may be cut: re-encode text
-                elif isinstance(c.stop_reason, int) and ids and ids[-1] == c.stop_reason:
-                    # An end-of-sequence token ended thinking: a natural end, like the
-                    # delimiter. It is not fed back (the continuation would follow an EOS).
-                    ids = ids[:-1]
-                context[r] += ids
-                thinking_used[r] += len(c.token_ids)
-                if c.finish_reason == "stop" and waits_left[r] > 0:
-                    waits_left[r] -= 1
-                    context[r] += encode(budget.wait)
-                    next_active.append(r)
-                else:
-                    context[r] += encode(budget.force_end)
-        active = next_active
+        active = _think_round(engine, encode, len(tokenizer), active, params, budget,
+                              seed=params.seed + 7919 * round_index)
         round_index += 1
 
-    answer_params = dataclasses.replace(params, n=1, logprobs=False)
-    outs = engine.generate([context[r] for r in rows], answer_params)
+    outs = engine.generate([r.context for r in rows],
+                           dataclasses.replace(params, n=1, logprobs=False))
     results: list[list[Completion]] = [[] for _ in base]
     for r, (c,) in zip(rows, outs, strict=True):
-        i = r[0]
-        tokens = context[r][len(base[i]) :] + list(c.token_ids)
-        text = tokenizer.decode(context[r][len(base[i]) :], skip_special_tokens=False) + c.text
-        results[i].append(
-            Completion(
-                text=text,
-                token_ids=tokens,
-                logprobs=None,
-                finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                prompt_token_ids=list(base[i]),
-                weights_version=c.weights_version,
-            )
-        )
+        forced_and_thought = r.context[len(base[r.prompt]):]
+        results[r.prompt].append(Completion(
+            text=tokenizer.decode(forced_and_thought, skip_special_tokens=False) + c.text,
+            token_ids=forced_and_thought + list(c.token_ids),
+            logprobs=None,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+            prompt_token_ids=list(base[r.prompt]),
+            weights_version=c.weights_version,
+        ))
     return results
+
+
+@dataclasses.dataclass
+class _Row:
+    """One sample's state: its prompt's index, prompt + everything so far, thinking tokens
+    sampled, waits still to append."""
+
+    prompt: int
+    context: list[int]
+    waits_left: int
+    thinking_used: int = 0
+
+
+def _think_round(engine: RolloutEngine, encode, vocab: int, active: list[_Row],
+                 params: SamplingParams, budget: BudgetForcing, seed: int) -> list[_Row]:
+    """One round of thinking for the ``active`` rows; returns the rows that go on thinking
+    (a natural end with a wait left: ``budget.wait`` appended). Every other row gets
+    ``budget.force_end`` (its budget spent, or its thinking ended for good)."""
+    for r in active:
+        if r.thinking_used >= budget.max_thinking_tokens:
+            r.context += encode(budget.force_end)
+    stepping = [r for r in active if r.thinking_used < budget.max_thinking_tokens]
+    next_active = []
+    # One generate call per distinct remaining budget keeps max_tokens exact.
+    for left in sorted({budget.max_thinking_tokens - r.thinking_used for r in stepping}):
+        group = [r for r in stepping if budget.max_thinking_tokens - r.thinking_used == left]
+        think = SamplingParams(
+            n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            max_tokens=left, stop=(budget.end_think,), include_stop_str_in_output=False,
+            seed=seed, logprobs=False,
+        )
+        outs = engine.generate([r.context for r in group], think)
+        for r, (c,) in zip(group, outs, strict=True):
+            ids = [t for t in c.token_ids if t < vocab]
+            if c.stop_reason == budget.end_think:
+                ids = encode(c.text)  # the stop string's token may be cut: re-encode text
+            elif isinstance(c.stop_reason, int) and ids and ids[-1] == c.stop_reason:
+                # An end-of-sequence token ended thinking: a natural end, like the
+                # delimiter. It is not fed back (the continuation would follow an EOS).
+                ids = ids[:-1]
+            r.context += ids
+            r.thinking_used += len(c.token_ids)
+            if c.finish_reason == "stop" and r.waits_left > 0:
+                r.waits_left -= 1
+                r.context += encode(budget.wait)
+                next_active.append(r)
+            else:
+                r.context += encode(budget.force_end)
+    return next_active
