@@ -55,7 +55,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxalign.models import lora
 from jaxalign.models.hf_io import save_pretrained
+from jaxalign.models.lora_io import save_adapter
 from jaxalign.rollout.restarts import Restarter, SidecarError, poll_health
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
 from jaxalign.rollout.wire import (
@@ -507,9 +509,16 @@ class SidecarEngine:
     def update_weights(self, weights: Any, version: int | None = None) -> int:
         """Installs new weights on every sidecar; returns the new weights version.
 
+        A model with LoRA adapters (``jaxalign.models.lora``) sends the adapter alone
+        (``lora_io.save_adapter``, PEFT's format: a few MB instead of every weight): each
+        sidecar applies it to the base weights it serves (its ``--model``, which must be
+        the base the trainer froze); so does a PEFT adapter directory. vLLM sidecars need
+        ``--max-lora-rank``.
+
         Args:
-            weights: a ``Qwen2ForCausalLM`` (exported here with ``save_pretrained``) or a
-                Hugging Face checkpoint directory the sidecars can read.
+            weights: a ``Qwen2ForCausalLM`` (exported here with ``save_pretrained``, or its
+                adapter alone), a Hugging Face checkpoint directory or a PEFT adapter
+                directory the sidecars can read.
             version: the new version (default: the current one plus one).
 
         Raises:
@@ -527,12 +536,14 @@ class SidecarEngine:
             path = Path(weights)
             if not path.is_dir():
                 raise ValueError(f"{path}: not a checkpoint directory")
+            adapter = (path / "adapter_config.json").is_file()
         else:
             if not isinstance(weights, nnx.Module):
                 raise TypeError(
                     "SidecarEngine.update_weights takes a model or a checkpoint directory, "
                     f"not {type(weights).__name__} (nnx.merge a State into its model first)"
                 )
+            adapter = lora.has_lora(weights)
         multihost = jax.process_count() > 1
         error: BaseException | None = None
         checksum_s = reload_s = 0.0
@@ -553,6 +564,7 @@ class SidecarEngine:
                     "version": version,
                     "checksum": checksum,
                     "deadline_s": self.update_deadline,
+                    **({"adapter": True} if adapter else {}),
                 }
                 t2 = time.perf_counter()
                 self._push(payload)
@@ -581,7 +593,10 @@ class SidecarEngine:
         dtype = self.export_dtype
         if dtype is None:
             dtype = (self._health.get(self.urls[0]) or self._refresh_health(0))["weights_dtype"]
-        save_pretrained(model, path, dtype=dtype)
+        if lora.has_lora(model):
+            save_adapter(model, path)
+        else:
+            save_pretrained(model, path, dtype=dtype)
         if jax.process_index() == 0:
             self._exports.append(path)
         return path

@@ -148,14 +148,18 @@ class JaxBackend(_Backend):
 
         self._dtype, self._param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         model = from_pretrained(model_dir, dtype=self._dtype, param_dtype=self._param_dtype)
+        self._base = model  # what an adapter update applies to (the last full weights)
         self.tokenizer = load_tokenizer(model_dir)
         self.engine = JaxEngine(model, self.tokenizer, max_batch_size=engine_batch)
         self.weights_dtype = str(self._param_dtype)
         self.platform = jax.default_backend()
 
-    def reload(self, path: str, version: int, timeout: float) -> None:
+    def reload(self, path: str, version: int, timeout: float, *, adapter: bool = False) -> None:
+        """Loads a checkpoint directory, or (``adapter``) a PEFT adapter onto the base
+        weights (the ``--model`` ones or the last full reload), merged."""
         from flax import nnx
 
+        from jaxalign.models import lora, lora_io
         from jaxalign.models.hf_io import from_pretrained
 
         swap = threading.Lock()
@@ -163,12 +167,19 @@ class JaxBackend(_Backend):
 
         def load():
             try:
-                model = from_pretrained(path, dtype=self._dtype, param_dtype=self._param_dtype)
+                if adapter:  # onto a view of the base (new modules, the same arrays)
+                    view = nnx.merge(*nnx.split(self._base))
+                    model = lora.merge_lora(lora_io.load_adapter(view, path))
+                else:
+                    model = from_pretrained(path, dtype=self._dtype,
+                                            param_dtype=self._param_dtype)
                 state = nnx.state(model, nnx.Param)
                 _check_same_shapes(self.engine.state, state, path)
                 with swap:
                     if "cancelled" not in outcome:
                         self.engine.update_weights(state, version)
+                        if not adapter:
+                            self._base = model
                         outcome["done"] = True
             except BaseException as e:  # handed to the waiting request thread
                 outcome["error"] = e
@@ -223,8 +234,11 @@ class VllmBackend(_Backend):
         self.weights_dtype = self.engine.options.dtype
         self.fatal_errors = (VllmEngineDead,)
 
-    def reload(self, path: str, version: int, timeout: float) -> None:
-        self.engine.update_weights(path, version, timeout=timeout)
+    def reload(self, path: str, version: int, timeout: float, *, adapter: bool = False) -> None:
+        if adapter:  # a LoRARequest swapped in: nothing changes in place
+            self.engine.load_adapter(path, version)
+        else:
+            self.engine.update_weights(path, version, timeout=timeout)
 
     def close(self) -> None:
         self.engine.close()
@@ -448,7 +462,7 @@ class Sidecar:
         engine lock; answers the new version and the seconds it took."""
         start = time.monotonic()
         self._check_alive()
-        path, version, checksum, deadline_s = self._parse_update(body)
+        path, version, checksum, deadline_s, adapter = self._parse_update(body)
         # Capped before float(): a huge integer (or Infinity) means "as long as allowed".
         deadline = start + float(min(deadline_s, self.max_update_deadline_s))
         path = self._verified_checkpoint(path, checksum)
@@ -459,7 +473,7 @@ class Sidecar:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RequestError(504, "deadline passed before the reload could start")
-            self._reload(path, version, remaining)
+            self._reload(path, version, remaining, adapter)
             self.weights_ok = True
             self.served["update_weights"] += 1
         finally:
@@ -469,11 +483,12 @@ class Sidecar:
             "seconds": time.monotonic() - start,
         }
 
-    def _parse_update(self, body: Any) -> tuple[str, int, str, float]:
-        """``(path, version, checksum, deadline_s)`` of an update request, or a 400."""
+    def _parse_update(self, body: Any) -> tuple[str, int, str, float, bool]:
+        """``(path, version, checksum, deadline_s, adapter)`` of an update request, or a
+        400. ``adapter``: ``path`` is a PEFT adapter for the base weights, not a checkpoint."""
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
-        unknown = sorted(set(body) - {"path", "version", "checksum", "deadline_s"})
+        unknown = sorted(set(body) - {"path", "version", "checksum", "deadline_s", "adapter"})
         if unknown:
             raise RequestError(400, f"unknown field(s) {unknown}")
         path, version, checksum = body.get("path"), body.get("version"), body.get("checksum")
@@ -490,7 +505,10 @@ class Sidecar:
             or not deadline_s > 0  # NaN fails the comparison
         ):
             raise RequestError(400, "'deadline_s' must be a positive number of seconds")
-        return path, version, checksum, deadline_s
+        adapter = body.get("adapter", False)
+        if not isinstance(adapter, bool):
+            raise RequestError(400, "'adapter' must be true or false")
+        return path, version, checksum, deadline_s, adapter
 
     def _verified_checkpoint(self, path: str, checksum: str) -> str:
         """The resolved checkpoint directory, allowed, present and hashing to ``checksum``.
@@ -521,11 +539,15 @@ class Sidecar:
             )
         return path
 
-    def _reload(self, path: str, version: int, remaining: float) -> None:
+    def _reload(self, path: str, version: int, remaining: float, adapter: bool = False) -> None:
         """The backend's reload (engine lock held); a failure is a request error, fatal when
-        the reload was in place (the weights are then in an unknown state)."""
+        the reload was in place (the weights are then in an unknown state; an adapter
+        update never is)."""
         try:
-            self.backend.reload(path, version, remaining)
+            if adapter:
+                self.backend.reload(path, version, remaining, adapter=True)
+            else:
+                self.backend.reload(path, version, remaining)
         except Exception as e:
             # 504 late, 400 the checkpoint's fault (CheckpointError and vLLM's
             # VllmRequestError are ValueErrors), else 500.
@@ -534,7 +556,7 @@ class Sidecar:
             else:
                 status = 400 if isinstance(e, ValueError) else 500
                 message = f"reload failed: {type(e).__name__}: {e}"
-            if self.backend.atomic_reload:  # the old weights are intact: keep serving
+            if self.backend.atomic_reload or adapter:  # old weights intact: keep serving
                 raise RequestError(status, message) from None
             # In place: the weights are unknown, and a timed-out call may still run or
             # answer late. Never retried here: the process restarts from --model.
@@ -790,6 +812,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0, metavar="N", help="vllm engine seed")
     ap.add_argument(
+        "--max-lora-rank", type=int, default=0, metavar="R",
+        help="vllm: serve LoRA adapters up to rank R (adapter-only weight updates); 0 = off",
+    )
+    ap.add_argument(
         "--vllm-unseeded",
         action="store_true",
         help="vllm: send no per-prompt seed (faster sampler, samples not reproducible)",
@@ -819,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_model_len=args.max_model_len,
             seed=args.seed,
             seeded=not args.vllm_unseeded,
+            max_lora_rank=args.max_lora_rank,
         )
         max_positions = args.max_model_len or max_positions
     sidecar = Sidecar(

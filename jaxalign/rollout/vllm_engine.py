@@ -66,6 +66,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -123,6 +124,8 @@ class VllmOptions:
         seeded: send each prompt's seed to vLLM (reproducible samples). False sends none:
             vLLM may then use FlashInfer's sampler, which is faster, but the samples
             depend on the batch and are not reproducible.
+        max_lora_rank: > 0 enables LoRA adapters up to this rank (``load_adapter``: the
+            trainer then sends the adapter alone, a few MB, instead of every weight).
     """
 
     dtype: str = "bfloat16"
@@ -132,6 +135,7 @@ class VllmOptions:
     seed: int = 0
     enforce_eager: bool = False
     seeded: bool = True
+    max_lora_rank: int = 0
 
 
 def llm_kwargs(model_dir: str | os.PathLike, options: VllmOptions) -> dict[str, Any]:
@@ -149,6 +153,8 @@ def llm_kwargs(model_dir: str | os.PathLike, options: VllmOptions) -> dict[str, 
     )
     if options.max_model_len is not None:
         kwargs["max_model_len"] = options.max_model_len
+    if options.max_lora_rank > 0:  # one adapter at a time: the policy's current one
+        kwargs.update(enable_lora=True, max_lora_rank=options.max_lora_rank, max_loras=1)
     return kwargs
 
 
@@ -249,6 +255,7 @@ class VllmEngine:
         self.dead: str | None = None  # why the engine can no longer serve (VllmEngineDead)
         self._sampling_params_cls = vllm.SamplingParams
         self._request_errors, self._dead_errors = _vllm_errors(vllm)
+        self._lora_request = None  # the adapter every generate applies (load_adapter)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -290,7 +297,9 @@ class VllmEngine:
             sampling = [
                 self._sampling_params_cls(**sampling_kwargs(params, s)) for s in prompt_seeds
             ]
-            outputs = self.llm.generate(inputs, sampling, use_tqdm=False) if inputs else []
+            lora = {"lora_request": self._lora_request} if self._lora_request else {}
+            outputs = (self.llm.generate(inputs, sampling, use_tqdm=False, **lora)
+                       if inputs else [])
         except self._dead_errors as e:
             self.dead = f"vLLM reported its engine dead ({type(e).__name__}: {e})"
             raise VllmEngineDead(self.dead) from e
@@ -381,11 +390,47 @@ class VllmEngine:
         if reset is False:
             self.dead = "vLLM could not reset its prefix cache after a weight reload"
             raise VllmEngineDead(self.dead)
+        self._lora_request = None  # new full weights: the adapted policy itself
         self.weights_version = self.weights_version + 1 if version is None else int(version)
+        return self.weights_version
+
+    def load_adapter(self, adapter_dir: str | os.PathLike, version: int) -> int:
+        """Serves the base weights with the PEFT adapter in ``adapter_dir`` from now on.
+
+        vLLM loads the adapter (a ``LoRARequest`` named after the version) when the next
+        generate asks for it; nothing changes in place, so a refused adapter leaves the
+        engine serving. Needs ``VllmOptions.max_lora_rank`` >= the adapter's rank.
+
+        Raises:
+            VllmRequestError: LoRA is off, or the adapter's rank is above the maximum.
+        """
+        self._check_alive()
+        rank = _adapter_rank(Path(adapter_dir))
+        if self.options.max_lora_rank <= 0:
+            raise VllmRequestError("adapter updates need LoRA on in vLLM: start the sidecar "
+                                   "with --max-lora-rank R (R >= the adapter's rank)")
+        if rank > self.options.max_lora_rank:
+            raise VllmRequestError(f"{adapter_dir}: adapter rank {rank} is above the sidecar's "
+                                   f"--max-lora-rank {self.options.max_lora_rank}")
+        from vllm.lora.request import LoRARequest
+
+        # the int id must be > 0 and new for each adapter (vLLM caches adapters by id)
+        self._lora_request = LoRARequest(f"jaxalign-v{version}", int(version) + 1,
+                                         str(adapter_dir))
+        self.weights_version = int(version)
         return self.weights_version
 
     def close(self) -> None:
         del self.llm
+
+
+def _adapter_rank(adapter_dir: Path) -> int:
+    """The rank ``r`` in a PEFT adapter directory's ``adapter_config.json``."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        return int(config["r"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VllmRequestError(f"{adapter_dir}: not a PEFT adapter ({e})") from None
 
 
 class WeightReloadExtension:

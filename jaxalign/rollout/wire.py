@@ -167,7 +167,8 @@ def completion_from_json(obj: dict) -> Completion:
 def checkpoint_checksum(path: str | os.PathLike) -> str:
     """``"sha256:<hex>"`` over the weight files of a checkpoint directory.
 
-    Covers every ``*.safetensors`` file and ``model.safetensors.index.json``: the sha256 of
+    Covers every ``*.safetensors`` file, ``model.safetensors.index.json`` and a PEFT
+    adapter's ``adapter_config.json``: the sha256 of
     each file's bytes, combined in name order with its name and size. Full content hashes,
     not (name, size) plus samples, because the failure this guards against is a torn or
     stale copy (a crash mid-write, a reused directory, an incomplete rsync to another host),
@@ -183,9 +184,9 @@ def checkpoint_checksum(path: str | os.PathLike) -> str:
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{root}: no *.safetensors files")
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files.append(index)
+    for extra in ("model.safetensors.index.json", "adapter_config.json"):  # (a PEFT adapter's
+        if (root / extra).is_file():  # rank, alpha and targets change what it computes)
+            files.append(root / extra)
 
     def digest(file: Path) -> str:
         with open(file, "rb") as f:

@@ -45,7 +45,9 @@ def test_the_installed_vllm_is_in_the_supported_range():
 
 
 def test_llm_accepts_our_kwargs():
-    kwargs = vllm_engine.llm_kwargs("/models/x", vllm_engine.VllmOptions(max_model_len=4096))
+    kwargs = vllm_engine.llm_kwargs("/models/x", vllm_engine.VllmOptions(max_model_len=4096,
+                                                                         max_lora_rank=16))
+    assert kwargs["enable_lora"] is True and kwargs["max_lora_rank"] == 16
     init = inspect.signature(vllm.LLM.__init__).parameters
     engine_args = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
     for name in kwargs:
@@ -121,6 +123,12 @@ def test_llm_methods_we_call():
     assert "Sequence" in str(generate["sampling_params"].annotation)  # one per prompt
     for name in ("reset_prefix_cache", "get_tokenizer"):
         assert callable(getattr(vllm.LLM, name))
+    assert "lora_request" in generate  # adapter-only updates (VllmEngine.load_adapter)
+    from vllm.lora.request import LoRARequest
+
+    request = LoRARequest("jaxalign-v3", 4, "/dev/shm/adapter")
+    assert (request.lora_name, request.lora_int_id, request.lora_path) == (
+        "jaxalign-v3", 4, "/dev/shm/adapter")
     from vllm.outputs import CompletionOutput, RequestOutput
 
     fields = set(inspect.signature(CompletionOutput).parameters)

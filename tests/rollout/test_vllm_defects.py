@@ -10,6 +10,7 @@ Each test drives the real ``VllmEngine`` / ``VllmBackend`` / ``Sidecar`` / serve
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -401,3 +403,65 @@ def test_only_the_vllm_adapter_imports_vllm():
         if pattern.search(f.read_text())
     )
     assert importers == ["jaxalign/rollout/vllm_engine.py"]
+
+
+# --- adapter-only updates (issue 18): a LoRARequest swapped in, never a reload in place --------
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoRARequest:  # vllm.lora.request.LoRARequest's positional fields
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+def _adapter(root: Path, name: str, rank: int) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"adapter " + name.encode())
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 2 * rank}))
+    return path
+
+
+def test_adapter_updates_swap_a_lora_request_and_a_bad_one_never_kills(fake_vllm, tmp_path,
+                                                                        monkeypatch):
+    lora_pkg = types.ModuleType("vllm.lora")
+    request_mod = types.ModuleType("vllm.lora.request")
+    request_mod.LoRARequest = _LoRARequest
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora_pkg)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_mod)
+    sidecar = _sidecar(fake_vllm, tmp_path, max_lora_rank=8)
+    llm = fake_vllm.LLM.last
+    assert llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] == 8
+    good = _adapter(tmp_path, "a1", rank=4)
+    assert sidecar.update_weights({**_update(good, version=3), "adapter": True})[
+        "weights_version"] == 3
+    out = sidecar.generate({"prompts": [[1, 2]], "sampling": {"max_tokens": 3}})
+    assert out["weights_version"] == 3 and llm.reloads == 0  # nothing loaded in place
+    assert llm.lora_requests[-1] == _LoRARequest("jaxalign-v3", 4, str(good))
+    # the checksum covers adapter_config.json: a changed rank is a different adapter
+    before = checkpoint_checksum(good)
+    (good / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    assert checkpoint_checksum(good) != before
+    # refused before anything changes: the sidecar serves on, with the last adapter
+    too_big = _adapter(tmp_path, "a2", rank=16)
+    with pytest.raises(RequestError) as info:
+        sidecar.update_weights({**_update(too_big, version=4), "adapter": True})
+    assert info.value.status == 400 and "--max-lora-rank 8" in info.value.message
+    assert sidecar.fatal is None
+    sidecar.generate({"prompts": [[1, 2]], "sampling": {"max_tokens": 3}})
+    assert llm.lora_requests[-1].lora_path == str(good)
+    # full weights replace the adapted policy: no adapter after them
+    sidecar.update_weights(_update(_checkpoint(tmp_path), version=5))
+    sidecar.generate({"prompts": [[1, 2]], "sampling": {"max_tokens": 3}})
+    assert llm.lora_requests[-1] is None
+
+
+def test_adapter_updates_without_lora_on_say_what_to_start_with(fake_vllm, tmp_path):
+    sidecar = _sidecar(fake_vllm, tmp_path)
+    with pytest.raises(RequestError) as info:
+        sidecar.update_weights({**_update(_adapter(tmp_path, "a", 4)), "adapter": True})
+    assert info.value.status == 400 and "--max-lora-rank" in info.value.message
+    assert sidecar.fatal is None and "enable_lora" not in fake_vllm.LLM.last.kwargs
+    with pytest.raises(RequestError, match="'adapter' must be true or false"):
+        sidecar.update_weights({**_update(_checkpoint(tmp_path)), "adapter": "yes"})

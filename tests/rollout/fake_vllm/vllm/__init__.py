@@ -84,12 +84,16 @@ class LLM:
         self.release = threading.Event()
         self.requests: list[list[SamplingParams]] = []  # the sampling of each generate call
         self.reloads = 0
+        self.lora_requests: list = []  # the lora_request of each generate call
         LLM.last = self
 
     def get_tokenizer(self):
         return _Tokenizer()
 
-    def generate(self, prompts, sampling_params, *, use_tqdm=True):
+    def generate(self, prompts, sampling_params, *, use_tqdm=True, lora_request=None):
+        if lora_request is not None and not self.kwargs.get("enable_lora"):
+            raise ValueError("LoRA is not enabled")  # as vLLM refuses it
+        self.lora_requests.append(lora_request)
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
