@@ -5,9 +5,14 @@
     python benchmarks/rollout_grpo.py --preset 1p5b --dtype bfloat16 \\
         --max-tokens 1024 --median 300                 # Qwen2.5-Math-1.5B shape, one GPU
     python benchmarks/rollout_grpo.py --tiny           # a < 60 s smoke run (the test's)
+    python benchmarks/rollout_grpo.py --max-batch-size 64 [--refill]  # 64 decode slots
 
 The workload is one GRPO rollout step: ``--prompts`` G problems x ``--n`` samples each,
-sampled at temperature 1 (no top-k / top-p), every row in one call to each engine.
+sampled at temperature 1 (no top-k / top-p), every row in one call to each engine. By
+default JaxEngine's ``max_batch_size`` holds every row (one batch that compacts as rows
+finish); with ``--max-batch-size`` below the row count it decodes in that many slots,
+in micro-batches (``--refill``: refilled with waiting rows as rows finish).
+
 
 - Prompt lengths: G problems drawn (``--seed``) from ``../shared/data`` (``--data``: MATH500
   problems or GSM8K train questions) under the r1_zero template, counted with
@@ -100,13 +105,17 @@ def prompt_lengths(data: str, tokenizer: str, count: int, seed: int) -> list[int
 
 def response_lengths(rows: int, max_tokens: int, median: float, capped: float,
                      seed: int) -> np.ndarray:
-    """[rows] int: ``min(max_tokens, ceil(X))`` for X log-normal with median ``median`` and
+    """[rows] int: ``max_tokens`` where X >= it, else ``min(max_tokens - 1, ceil(X))``, for X
+    log-normal with median ``median`` and
     ``P(X >= max_tokens) = capped``: its quantiles at ``(k + 1/2) / rows`` (so the shares
     are exact, not subject to sampling noise), shuffled over the rows."""
     normal = statistics.NormalDist()
     sigma = math.log(max_tokens / median) / normal.inv_cdf(1 - capped)
     z = np.asarray([normal.inv_cdf((k + 0.5) / rows) for k in range(rows)])
-    x = np.minimum(max_tokens, np.ceil(median * np.exp(sigma * z))).astype(np.int32)
+    lengths = median * np.exp(sigma * z)
+    # a row under the cap stays under it (ceil would round 255.3 up to a capped 256)
+    x = np.where(lengths >= max_tokens, max_tokens,
+                 np.minimum(max_tokens - 1, np.ceil(lengths))).astype(np.int32)
     return np.random.default_rng(seed + 1).permutation(x)
 
 
@@ -145,10 +154,10 @@ def torch_processor(lengths: np.ndarray, max_tokens: int, prompt_width: int):
 # --- the engines ---------------------------------------------------------------------------
 
 
-def run_jax(model, prompts, n, lengths, max_tokens):
+def run_jax(model, prompts, n, lengths, max_tokens, max_batch_size=0, refill=False):
     """-> (generate, engine): ``generate()`` runs the whole workload once and checks it."""
     engine = JaxEngine(model, eos_token_ids=(EOS,), pad_token_id=PAD,
-                       max_batch_size=len(prompts) * n,
+                       max_batch_size=max_batch_size or len(prompts) * n, refill=refill,
                        logits_hook=jax_hook(lengths, max_tokens, model.config.vocab_size))
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
 
@@ -218,6 +227,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--skip-torch", action="store_true", help="time JaxEngine only")
+    ap.add_argument("--max-batch-size", type=int, default=0,
+                    help="JaxEngine's decode slots (0: every row in one batch)")
+    ap.add_argument("--refill", action="store_true",
+                    help="JaxEngine(refill=True): slot refill instead of micro-batches")
     args = ap.parse_args(argv)
     g, n, m, med = (4, 4, 32, 10) if args.tiny else WORKLOADS[args.preset]
     args.prompts, args.n = args.prompts or g, args.n or n
@@ -251,9 +264,12 @@ def main(argv=None) -> dict:
           f"{args.n}, prompt tokens ({args.tokenizer}, {args.data}) min/median/max "
           f"{min(plen)}/{int(np.median(plen))}/{max(plen)}; response tokens mean "
           f"{lengths.mean():.1f}, median {int(np.median(lengths))}, max_tokens "
-          f"{args.max_tokens} reached by {np.mean(lengths == args.max_tokens):.0%} of rows")
+          f"{args.max_tokens} reached by {np.mean(lengths == args.max_tokens):.0%} of rows; "
+          f"JaxEngine max_batch_size {args.max_batch_size or rows}, "
+          f"refill {'on' if args.refill else 'off'}")
 
-    jax_gen, engine = run_jax(model, prompts, args.n, lengths, args.max_tokens)
+    jax_gen, engine = run_jax(model, prompts, args.n, lengths, args.max_tokens,
+                              args.max_batch_size, args.refill)
     first = timed(jax_gen)
     engine.slot_steps = 0
     jax_gen()

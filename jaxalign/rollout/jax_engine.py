@@ -21,6 +21,17 @@ The embedded default on CPU and TPU (no extra process). Layout of a generate cal
    between chunks the host decodes the new text of unfinished rows and ends those whose
    text now contains a stop string (a stop string can span several tokens, so it is
    matched on text, not token ids).
+4. Slot refill (``refill=True``; off by default, see ``JaxEngine``), for calls with more rows than
+   ``max_batch_size``: instead of micro-batches that each decode until their longest row
+   ends, all rows of the call go through ``max_batch_size`` fixed slots
+   (``_generate_refill``). Once an eighth of the slots (and a whole prompt's ``n`` rows,
+   if ``n`` fits twice) are free, the decode loop returns and the host prefills the next
+   waiting rows' prompts (each distinct prompt once) into the free slots (``_insert``):
+   every row writes its next token at the cache's shared slot ``index``, so a new row's
+   prompt cache lands just before it, with its own mask and positions. When the cache is
+   full it is shifted left past the slots no live row uses (``_rebase``) or grown. Once
+   no row waits, the batch compacts as in 3. Shapes are fixed per call (slots, rows,
+   cache size levels, refill sizes in powers of two), so no step recompiles.
 
 Sampled log-probs are those of the raw model distribution (temperature 1, no filtering):
 exactly what a teacher-forced forward pass of the same model gives for the same tokens.
@@ -69,6 +80,11 @@ SAMPLING_RULES = {**sharding_lib.PARAM_RULES, "embed": None}
 # of 1 does (it reads all the weights either way), and each smaller batch would compile.
 MIN_DECODE_BATCH = 8
 
+# With slot refill, the decode loop hands back to the host (which prefills waiting rows into
+# the free slots) once 1 / REFILL_FRACTION of the slots are free: each refill is a host
+# round trip and a prefill call, and until then the free slots idle.
+REFILL_FRACTION = 8
+
 
 @flax.struct.dataclass
 class _Carry:
@@ -87,6 +103,12 @@ class _Carry:
     lengths: jax.Array  # [R] int32, tokens generated so far (EOS included)
     done: jax.Array  # [R] bool (filler rows: True from the start)
     step: jax.Array  # int32, decode steps run (every slot writes cache slot P + step)
+
+
+def _compact_at(slots: int) -> int:
+    """Free slots (finished or filler rows) at which a batch of ``slots`` compacts: half of
+    them, never at ``MIN_DECODE_BATCH`` slots or fewer (more than ``slots``: never)."""
+    return slots - slots // 2 if slots > MIN_DECODE_BATCH else slots + 1
 
 
 def _next_pow2(x: int, minimum: int = 1) -> int:
@@ -134,6 +156,13 @@ class JaxEngine:
             (prompt ``i``, sample ``j``: ``i * n + j``; meaningless for filler slots),
             ``n_tokens`` how many tokens that row has so far. Arrays it closes over are
             baked in when the decode loop is first traced.
+        refill: when a call has more rows than ``max_batch_size``, decode them in one batch
+            of ``max_batch_size`` fixed slots whose freed slots take waiting rows (slot
+            refill) instead of in micro-batches that each run until their longest row ends.
+            Off by default: every slot attends over the shared cache window of the oldest
+            live row (about ``P + max_tokens``), so where attention dominates (21M on CPU)
+            it lost to micro-batches: 622 vs 990 useful tok/s at 64 slots
+            (``benchmarks/rollout_grpo.py --max-batch-size 64 [--no-refill]``, 2026-12).
     """
 
     def __init__(
@@ -147,6 +176,7 @@ class JaxEngine:
         eos_token_ids: Sequence[int] | None = None,
         pad_token_id: int | None = None,
         logits_hook: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
+        refill: bool = False,
     ):
         cfg = model.config
         # Decoding attends one query to the cache: the plain path reads the cache in place
@@ -158,6 +188,7 @@ class JaxEngine:
         self.mesh = mesh if mesh is None else sharding_lib.process_local_mesh(mesh)
         self.max_batch_size = max_batch_size
         self.decode_chunk = decode_chunk
+        self.refill = refill
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = () if eos is None else (eos,)
@@ -180,6 +211,12 @@ class JaxEngine:
         )
         self._compact = jax.jit(_compact)
         self._grow = jax.jit(_grow, static_argnames=("room",))
+        self._prefill_prompts = jax.jit(functools.partial(_prefill_prompts, self.graphdef))
+        self._empty = jax.jit(functools.partial(_empty_carry, decode_cfg),
+                              static_argnames=("slots", "n_rows", "max_tokens", "size",
+                                               "index", "pad_id"))
+        self._insert = jax.jit(_insert, donate_argnums=(0,))
+        self._rebase = jax.jit(_rebase, donate_argnums=(0,))
         self.shapes_seen: set[tuple] = set()
         # Decode work done so far, in slots x steps (filler and finished rows' slots
         # included): what benchmarks/rollout_grpo.py compares with the useful tokens.
@@ -190,6 +227,12 @@ class JaxEngine:
     def _place(self, state):
         # Trainer parameters sharded over other hosts: gather a full copy here first.
         local = distributed.local_replica(state)
+        if self.mesh is None:
+            # Committed to one device, whatever the weights came as: jit keys its cache on
+            # committedness, so a model's fresh (uncommitted) arrays and a train step's
+            # (committed) outputs would compile the decode loop twice.
+            device = jax.local_devices()[0]
+            return jax.tree.map(lambda x: jax.device_put(x, device), local)
         return sharding_lib.shard_params(local, self.mesh, SAMPLING_RULES)
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:
@@ -272,15 +315,23 @@ class JaxEngine:
                     f"max_position_embeddings={context}: lower max_tokens or shorten the prompt"
                 )
         out: list[list[Completion | None]] = [[None] * params.n for _ in encoded]
-        for first_row, chunk in self._micro_batches(len(encoded), params.n):
+
+        def keys_of(rows):  # each row's random stream, (seed, stream id)
             if seeds is None:  # the low 32 bits, as jax.random.key(params.seed) keeps them
                 seed = params.seed & 0xFFFFFFFF
-                keys = [(seed, (prompt_offset + i) * params.n + j) for i, j in chunk]
-            else:
-                keys = [(seeds[i], j) for i, j in chunk]
-            completions = self._generate_batch(
-                [encoded[i] for i, _ in chunk], params, keys, first_row
-            )
+                return [(seed, (prompt_offset + i) * params.n + j) for i, j in rows]
+            return [(seeds[i], j) for i, j in rows]
+
+        if self.refill and len(encoded) * params.n > self.max_batch_size:
+            rows = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
+            batches = [(0, rows)]
+        else:
+            batches = self._micro_batches(len(encoded), params.n)
+        for first_row, chunk in batches:
+            generate = self._generate_refill if len(chunk) > self.max_batch_size else (
+                self._generate_batch)
+            completions = generate([encoded[i] for i, _ in chunk], params, keys_of(chunk),
+                                   first_row)
             for (i, j), c in zip(chunk, completions, strict=True):
                 out[i][j] = c
         return out  # type: ignore[return-value]
@@ -316,19 +367,132 @@ class JaxEngine:
         carry, stop_info = self._decode_rows(carry, params, len(prompts))
         return self._unpack(carry, prompts, params, stop_info)
 
-    def _pack(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _generate_refill(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        keys: list[tuple[int, int]],
+        first_row: int,
+    ) -> list[Completion]:
+        """All rows of a call (more than ``max_batch_size``) through ``max_batch_size`` fixed
+        slots: whenever enough slots are free, waiting rows are prefilled (each distinct
+        prompt once) into them and decoding goes on; once no row waits, the batch compacts
+        as ``_decode_rows`` does. Shapes stay static: the slots, the rows' outputs [R, M]
+        and the cache are fixed-size arrays, and each slot's row keeps its own mask and
+        positions in the shared cache (``_insert``), so no step recompiles.
+
+        Args: as ``_generate_batch``, with any number of rows.
+        """
+        m, n_rows, b = params.max_tokens, len(prompts), self.max_batch_size
+        r_pad = _next_pow2(n_rows)
+        p = _prompt_bucket(max(map(len, prompts)))
+        # Whole prompts per refill where they fit, so that a prompt's rows share one prefill.
+        unit = params.n if params.n <= b // 2 else 1
+        room = _cache_room(0, m)
+        self.shapes_seen.add(("empty", b, r_pad, m, p + room))
+        carry = self._empty(n_real=jnp.int32(n_rows), slots=b, n_rows=r_pad, max_tokens=m,
+                            size=p + room, index=p, pad_id=self.pad_token_id)
+        stop_ids, scalars, flags = self._decode_args(params)
+        chunk = self.decode_chunk if params.stop else 2**30
+        stop_info: dict[int, tuple[int, str, int]] = {}
+        checked = np.zeros(n_rows, np.int32)
+        done = np.zeros(r_pad, np.bool_)
+        done[n_rows:] = True
+        start = np.zeros(b, np.int64)  # the cache slot where each slot's row begins
+        waiting = 0  # rows [waiting, n_rows) wait (rows go in in order)
+        while True:
+            slot_row = np.asarray(carry.slot_row)
+            live = (slot_row < r_pad) & ~done[np.minimum(slot_row, r_pad - 1)]
+            free = np.flatnonzero(~live)
+            k = min(len(free), n_rows - waiting) // unit * unit
+            if k:
+                index = int(carry.cache.index)
+                carry = self._insert_rows(carry, prompts, keys, waiting, free[:k], p, r_pad)
+                start[free[:k]] = index - p
+                live[free[:k]] = True
+                waiting += k
+            if not live.any():
+                break
+            carry, start = self._make_room(carry, start, live, p, m)
+            slots = len(slot_row)
+            if waiting < n_rows:  # refill once enough slots are free (a unit at least)
+                exit_free = min(n_rows - waiting, max(unit, b // REFILL_FRACTION))
+            else:
+                exit_free = _compact_at(slots)
+            step = int(carry.step)
+            self.shapes_seen.add(("decode", slots, r_pad, m, carry.cache.mask.shape[1]))
+            carry = self._decode(self.state, carry, jnp.int32(step + chunk),
+                                 jnp.int32(exit_free), stop_ids, scalars, **flags)
+            self.slot_steps += slots * (int(carry.step) - step)
+            done = np.array(carry.done)
+            if params.stop:
+                carry = self._check_stops(carry, done, params, stop_info, checked)
+            if waiting == n_rows:
+                carry, take = self._compact_if_sparse(carry, done)
+                if take is not None:
+                    start = start[take]
+        return self._unpack(carry, prompts, params, stop_info)
+
+    def _insert_rows(self, carry: _Carry, prompts: list[list[int]], keys: list[tuple[int, int]],
+                     first: int, slots: np.ndarray, p: int, r_pad: int) -> _Carry:
+        """``carry`` with rows ``first, first + 1, ...`` in the free ``slots``: their distinct
+        prompts prefilled once (padded to ``p``), each row given its prompt's cache, last
+        logits and its own random stream."""
+        rows = list(range(first, first + len(slots)))
+        ids, mask, prompt_of_row = self._pack([prompts[r] for r in rows], p)
+        bn = len(prompt_of_row)
+        (g, _), size = ids.shape, carry.cache.mask.shape[1]
+        self.shapes_seen.add(("prefill_prompts", g, p))
+        self.shapes_seen.add(("insert", len(carry.slot_row), r_pad, size, g, bn, p))
+        fill = bn - len(rows)  # filler rows go to slot B: dropped
+        row_keys = [keys[r] for r in rows] + [(0, 0)] * fill
+        prompt_cache, logits = self._prefill_prompts(
+            self.state, self._shard_batch(ids), self._shard_batch(mask))
+        return self._insert(
+            carry, prompt_cache, logits,
+            self._shard_batch(prompt_of_row),
+            self._shard_batch(np.concatenate([slots, np.full(fill, len(carry.slot_row))])
+                              .astype(np.int32)),
+            self._shard_batch(np.asarray(rows + [r_pad] * fill, np.int32)),
+            self._shard_batch(np.asarray([s for s, _ in row_keys], np.uint32)),
+            self._shard_batch(np.asarray([r for _, r in row_keys], np.uint32)),
+        )
+
+    def _make_room(self, carry: _Carry, start: np.ndarray, live: np.ndarray, p: int,
+                   max_tokens: int) -> tuple[_Carry, np.ndarray]:
+        """``carry`` with room in its cache for the next token, and the slots' new starts.
+
+        A full cache is shifted left past the slots no live row uses any more (``_rebase``)
+        when that frees a quarter of its room or it is at its largest,
+        ``P + 1.25 max_tokens`` (then a live row, at most ``max_tokens - 1`` tokens long,
+        began a quarter of ``max_tokens`` in at least); else it grows like
+        ``_grow_if_full``'s (32, 64, ... up to ``max_tokens`` past the prompt)."""
+        index, size = int(carry.cache.index), carry.cache.mask.shape[1]
+        if index < size:
+            return carry, start
+        room, largest = size - p, max_tokens + -(-max_tokens // 4)
+        shift = int(start[live].min())
+        if room >= largest or 4 * shift >= room:
+            self.shapes_seen.add(("rebase", len(start), carry.done.shape[0], size))
+            return self._rebase(carry, jnp.int32(shift)), np.maximum(start - shift, 0)
+        new_room = min(max_tokens, 2 * room) if room < max_tokens else largest
+        self.shapes_seen.add(("grow", len(start), carry.done.shape[0], size, p + new_room))
+        return self._grow(carry, room=p + new_room), start
+
+    def _pack(self, prompts: list[list[int]], p: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ids, mask, prompt_of_row)``: the distinct prompts left-padded to ``P``
         (``_prompt_bucket``) in ``G`` rows (a power of two), ``ids`` and ``mask`` both ``[G, P]``,
         and for each of ``B`` rows (``len(prompts)`` up to a power of two) the index of its
         prompt, ``[B]`` int32 (filler rows: prompt 0). Filler prompts hold one dummy token
-        so that every row is well-defined."""
+        so that every row is well-defined. ``p`` overrides ``P``."""
         index: dict[tuple[int, ...], int] = {}
         prompt_of_row = np.zeros(_next_pow2(len(prompts)), np.int32)
         for r, x in enumerate(prompts):
             prompt_of_row[r] = index.setdefault(tuple(x), len(index))
         distinct = list(index)
         g = _next_pow2(len(distinct))
-        p = _prompt_bucket(max(len(x) for x in distinct))
+        p = p or _prompt_bucket(max(len(x) for x in distinct))
         ids = np.full((g, p), self.pad_token_id, np.int32)
         mask = np.zeros((g, p), np.bool_)
         for r, x in enumerate(distinct):
@@ -403,7 +567,8 @@ class JaxEngine:
                                   carry.cache.mask.shape[1]))
             end = jnp.int32(min(step + chunk, m))
             slots = carry.slot_row.shape[0]
-            carry = self._decode(self.state, carry, end, stop_ids, scalars, **flags)
+            carry = self._decode(self.state, carry, end, jnp.int32(_compact_at(slots)),
+                                 stop_ids, scalars, **flags)
             self.slot_steps += slots * (int(carry.step) - step)
             step = int(carry.step)
             done = np.array(carry.done)  # a writable copy
@@ -411,7 +576,7 @@ class JaxEngine:
                 carry = self._check_stops(carry, done, params, stop_info, checked)
             if done.all() or step >= m:
                 break
-            carry = self._compact_if_sparse(carry, done)
+            carry, _ = self._compact_if_sparse(carry, done)
             carry = self._grow_if_full(carry, m)
         return carry, stop_info
 
@@ -431,24 +596,28 @@ class JaxEngine:
                 done[r] = True
         return carry.replace(done=jnp.asarray(done))
 
-    def _compact_if_sparse(self, carry: _Carry, done: np.ndarray) -> _Carry:
+    def _compact_if_sparse(self, carry: _Carry, done: np.ndarray
+                           ) -> tuple[_Carry, np.ndarray | None]:
         """``carry`` with its unfinished rows in the next power-of-two batch (at least
         ``MIN_DECODE_BATCH``) when half its slots or more hold finished rows; else as is.
 
         Args:
             done: [R] bool, each row's state (the host's copy, stop strings included).
+
+        Returns:
+            ``(carry, take)``: ``take`` [B'] the old slot of each new slot, None if unmoved.
         """
         slot_row = np.asarray(carry.slot_row)
         b, n_rows = len(slot_row), len(done)
         live = [s for s, r in enumerate(slot_row) if r < n_rows and not done[r]]
-        if b <= MIN_DECODE_BATCH or len(live) > b // 2:
-            return carry
+        if b - len(live) < _compact_at(b):
+            return carry, None
         new_b = _next_pow2(len(live), minimum=MIN_DECODE_BATCH)
         filler = new_b - len(live)  # copies of a live slot that hold no row
         take = np.asarray(live + live[:1] * filler, np.int32)
         rows = np.concatenate([slot_row[live], np.full(filler, n_rows, np.int32)])
         self.shapes_seen.add(("compact", b, new_b, n_rows, carry.cache.mask.shape[1]))
-        return self._compact(carry, self._shard_batch(take), self._shard_batch(rows))
+        return self._compact(carry, self._shard_batch(take), self._shard_batch(rows)), take
 
     def _grow_if_full(self, carry: _Carry, max_tokens: int) -> _Carry:
         """``carry`` with room in its cache for the next step's tokens (``_cache_room``)."""
@@ -600,14 +769,15 @@ def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done
     )
 
 
-def _decode(graphdef, state, carry: _Carry, end, stop_ids, scalars, *, greedy, use_top_k,
-            use_top_p, logits_hook=None) -> _Carry:
-    """Samples a token per slot until step ``end``, until every row is done, until the
-    cache is full, or until half the slots or more hold finished rows (time to compact;
-    never at ``MIN_DECODE_BATCH`` slots or fewer).
+def _decode(graphdef, state, carry: _Carry, end, exit_free, stop_ids, scalars, *, greedy,
+            use_top_k, use_top_p, logits_hook=None) -> _Carry:
+    """Samples a token per slot until step ``end``, until every slot is free (holds no
+    unfinished row), until the cache is full, or until ``exit_free`` slots or more are free
+    (time to compact or refill; the host picks the threshold).
 
     Args:
-        end: int32, the step to stop at; stop_ids: [E] int32 (EOS and stop token ids);
+        end: int32, the step to stop at; exit_free: int32;
+        stop_ids: [E] int32 (EOS and stop token ids);
         scalars: ``(temperature, top_k, top_p, min_tokens, pad_id)``, traced.
     """
     temperature, top_k, top_p, min_tokens, pad_id = scalars
@@ -619,9 +789,8 @@ def _decode(graphdef, state, carry: _Carry, end, stop_ids, scalars, *, greedy, u
 
     def cond(c: _Carry):
         n_live = jnp.sum(live(c))
-        sparse = (2 * n_live <= b) & (b > MIN_DECODE_BATCH)
-        full = c.cache.index >= c.cache.mask.shape[1]  # the host grows it (_cache_room)
-        return (c.step < end) & (n_live > 0) & ~sparse & ~full
+        full = c.cache.index >= c.cache.mask.shape[1]  # the host makes room (grow, rebase)
+        return (c.step < end) & (n_live > 0) & (b - n_live < exit_free) & ~full
 
     def body(c: _Carry) -> _Carry:
         active = live(c)
@@ -680,4 +849,92 @@ def _grow(carry: _Carry, *, room: int) -> _Carry:
         v=tuple(jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0))) for v in cache.v),
         mask=jnp.pad(cache.mask, ((0, 0), (0, extra))),
     )
+    return carry.replace(cache=cache)
+
+
+def _prefill_prompts(graphdef, state, ids, mask) -> tuple[KVCache, jax.Array]:
+    """``(cache, logits)``: the prompts ``ids``, ``mask`` [G, P] run through the model once
+    (a cache of ``P`` slots) and the logits [G, V] float32 of their next tokens."""
+    model = nnx.merge(graphdef, state)
+    g, p = ids.shape
+    hidden, cache = model.model(ids, mask, cache=KVCache.init(model.config, g, p),
+                                fresh_cache=True)
+    return cache, model.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+
+
+def _empty_carry(cfg, n_real, *, slots, n_rows, max_tokens, size, index, pad_id) -> _Carry:
+    """A decode state of ``slots`` free slots, a cache of ``size`` slots writing next at
+    ``index`` and ``n_rows`` rows, those from ``n_real`` on filler (done from the start)."""
+    return _Carry(
+        cache=KVCache.init(cfg, slots, size).replace(index=jnp.int32(index)),
+        logits=jnp.zeros((slots, cfg.vocab_size), jnp.float32),
+        rng=jax.random.split(jax.random.key(0), slots),
+        slot_row=jnp.full((slots,), n_rows, jnp.int32),
+        first_row=jnp.int32(0),
+        tokens=jnp.full((n_rows, max_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((n_rows, max_tokens), jnp.float32),
+        lengths=jnp.zeros((n_rows,), jnp.int32),
+        done=jnp.arange(n_rows) >= n_real,
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _insert(carry: _Carry, prompts: KVCache, logits, prompt_of_row, slots, rows, row_seeds,
+            row_ids) -> _Carry:
+    """``carry`` with new rows in some of its slots (the rest untouched).
+
+    Every row writes its next token at the cache's shared ``index``, so a new row's prompt
+    cache goes to the ``P`` slots just before it, and the rest of its slot is masked out;
+    its positions (``next_pos``) are its own, so the row attends and rotates exactly as
+    if it had been prefilled alone.
+
+    Args:
+        prompts: the cache [G, ..., P] of ``_prefill_prompts``; logits: [G, V].
+        prompt_of_row: [Bn] int32, each new row's prompt; slots: [Bn] int32, its slot
+            (B, out of range: a filler row, dropped); rows: [Bn] int32, its row;
+        row_seeds, row_ids: [Bn] uint32, its stream ``fold_in(key(seed), id)``.
+    """
+    cache = carry.cache
+    p, size = prompts.mask.shape[1], cache.mask.shape[1]
+
+    def put(old, new, axis):  # new: [G, ..., P, ...] -> old [B, ..., S, ...] at `slots`
+        new = jnp.take(new, prompt_of_row, axis=0)
+        shape = list(new.shape)
+        shape[axis] = size
+        begin = [0] * new.ndim
+        begin[axis] = cache.index - p
+        full = jax.lax.dynamic_update_slice(jnp.zeros(shape, new.dtype), new, begin)
+        return old.at[slots].set(full, mode="drop")
+
+    def put_rows(old, new):  # new: [Bn, ...]
+        return old.at[slots].set(new, mode="drop")
+
+    keys = jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids)
+    rng = jax.random.wrap_key_data(
+        put_rows(jax.random.key_data(carry.rng), jax.random.key_data(keys)))
+    cache = cache.replace(
+        k=tuple(put(old, new, 3) for old, new in zip(cache.k, prompts.k, strict=True)),
+        v=tuple(put(old, new, 2) for old, new in zip(cache.v, prompts.v, strict=True)),
+        mask=put(cache.mask, prompts.mask, 1),
+        next_pos=put_rows(cache.next_pos, jnp.take(prompts.next_pos, prompt_of_row)),
+    )
+    return carry.replace(cache=cache, logits=put_rows(carry.logits, jnp.take(logits,
+                                                                             prompt_of_row, 0)),
+                         rng=rng, slot_row=put_rows(carry.slot_row, rows))
+
+
+def _rebase(carry: _Carry, shift) -> _Carry:
+    """``carry`` with its cache shifted ``shift`` slots left (int32, traced; the slots it
+    drops are unused by every live row) and its write index with it: the cache stays
+    ``P + max_tokens``-ish however many rows pass through the slots."""
+    cache = carry.cache
+    size = cache.mask.shape[1]
+
+    def left(x, axis):
+        return jnp.roll(x, -shift, axis=axis)
+
+    mask = left(cache.mask, 1) & (jnp.arange(size) < size - shift)[None, :]
+    cache = cache.replace(k=tuple(left(k, 3) for k in cache.k),
+                          v=tuple(left(v, 2) for v in cache.v),
+                          mask=mask, index=cache.index - shift)
     return carry.replace(cache=cache)

@@ -5,8 +5,8 @@ rows leave the decode batch, which continues at a smaller power of two) and the 
 cache must not change what is sampled: each row's tokens come from its own random stream
 whatever batch, slot or cache size it goes through, log-probs equal a teacher-forced pass,
 and stop strings, min_tokens and budget forcing behave as without them. The reference is
-the same engine with micro-batches of at most ``MIN_DECODE_BATCH`` rows of one prompt,
-which never compact.
+the same engine with micro-batches of at most ``MIN_DECODE_BATCH`` rows of one prompt and
+no slot refill, which never compact (``test_slot_refill.py`` covers refill).
 """
 
 import jax
@@ -60,7 +60,7 @@ def test_prefix_sharing_prefills_each_prompt_once(model):
     shared = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=64)
     out = shared.generate([a, b, c, a], params)
     assert _kinds(shared, "prefill") == [("prefill", 4, 32, 16, 6)]
-    alone = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=1)
+    alone = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=1, refill=False)
     ref = alone.generate([a, b, c, a], params)
     assert _tokens(out) == _tokens(ref)
     for cs, rs in zip(out, ref, strict=True):
@@ -78,7 +78,7 @@ def compacted(model):
     params = SamplingParams(n=4, temperature=1.0, max_tokens=48, seed=11)
     big = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=32)
     small = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0,
-                      max_batch_size=MIN_DECODE_BATCH // 2)
+                      max_batch_size=MIN_DECODE_BATCH // 2, refill=False)
     return prompts, big, big.generate(prompts, params), small.generate(prompts, params)
 
 
@@ -112,7 +112,8 @@ def test_min_tokens_with_compaction(model):
     params = SamplingParams(n=6, temperature=1.0, max_tokens=40, min_tokens=12, seed=5)
     big = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=32)
     out = big.generate(prompts, params)
-    small = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=6)
+    small = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=6,
+                      refill=False)
     assert _tokens(out) == _tokens(small.generate(prompts, params))
     assert _kinds(big, "compact")
     for c in (c for cs in out for c in cs):
@@ -177,7 +178,7 @@ def test_logits_hook_sees_call_rows_and_compiles_stay_bounded(model):
     prompts = _prompts(3, [5, 7, 3, 11, 2, 9, 4, 6, 8, 10, 1, 12])
     params = SamplingParams(n=n, max_tokens=max_tokens, seed=1)
     for max_batch_size in (48, 16):
-        engine = JaxEngine(model, eos_token_ids=(40,), pad_token_id=0,
+        engine = JaxEngine(model, eos_token_ids=(40,), pad_token_id=0, refill=False,
                            max_batch_size=max_batch_size, logits_hook=force_lengths)
         out = engine.generate(prompts, params)
         assert [len(c.token_ids) for cs in out for c in cs] == want.tolist()
