@@ -17,6 +17,10 @@ Three subcommands, each printing a table:
     that ``jax.checkpoint`` inserts (the gradient of a 2-layer ``remat=full`` model has 2
     ``opt-barrier`` before optimisation and 0 after, jax 0.10.2), so on CPU every remat
     policy compiles to about the same memory: not what a GPU or TPU will use.
+``lora``
+    The same compiled-step measurement for full fine-tuning and LoRA (``config.lora``:
+    the adapters trained, their AdamW state only; the frozen base an undonated argument,
+    optionally stored in bf16), side by side, from shapes only.
 ``estimate``
     Analytic state + activation memory for Qwen2.5-Math-1.5B on 1x H100 80GB, TPU v5p-8
     and TPU v4-32 (formulas in ``estimate_table``'s docstring).
@@ -25,6 +29,7 @@ Three subcommands, each printing a table:
     python benchmarks/memory.py estimate                  # instant
     python benchmarks/memory.py step --layers 2 --batch 1 --remat none full   # CPU, ~1 min
     python benchmarks/memory.py step --attention cudnn    # on one H100: bisects, 3 remat policies
+    python benchmarks/memory.py lora --layers 2 --batch 1 --seq 512   # CPU: full FT vs LoRA
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from jaxalign import losses, sharding
+from jaxalign.models import lora as lora_lib
 from jaxalign.models.qwen2 import (
     REMAT_POLICIES,
     Qwen2Config,
+    Qwen2ForCausalLM,
     abstract_model,
     count_params,
     init_model,
@@ -196,6 +203,63 @@ def abstract_trainer(cfg: Qwen2Config, chunk_size: int) -> Trainer:
     trainer = Trainer(graphdef, params, opt_state, tx, sft_loss(chunk_size), mesh=None)
     trainer._compile()
     return trainer
+
+
+def abstract_lora_trainer(cfg: Qwen2Config, chunk_size: int,
+                          lora_cfg: lora_lib.LoraConfig) -> Trainer:
+    """``abstract_trainer`` with adapters (``lora.apply_lora`` under ``nnx.eval_shape``):
+    the library's LoRA step, ``(adapters, opt_state, batch, frozen, step)``, with
+    AdamW state for the adapters only."""
+    model = nnx.eval_shape(lambda: lora_lib.apply_lora(
+        Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)), lora_cfg))
+    graphdef, params, base, other = nnx.split(model, lora_lib.lora_filter,
+                                              lora_lib.frozen_filter, ...)
+    tx = adamw()
+    opt_state = jax.eval_shape(tx.init, params)
+    trainer = Trainer(graphdef, params, opt_state, tx, sft_loss(chunk_size), mesh=None,
+                      frozen=(base, other))
+    trainer._compile()
+    return trainer
+
+
+def lora_step_memory(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int,
+                     lora_cfg: lora_lib.LoraConfig | None) -> StepMemory:
+    """``step_memory`` for full fine-tuning (``lora_cfg`` None) or a LoRA step."""
+    if lora_cfg is None:
+        return step_memory(cfg, batch, seq, chunk_size)
+    trainer = abstract_lora_trainer(cfg, chunk_size, lora_cfg)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    t0 = time.perf_counter()
+    compiled = trainer._train_step.lower(
+        trainer.params, trainer.opt_state, batch_shapes(batch, seq), trainer.frozen, step
+    ).compile()
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    return StepMemory(remat=cfg.remat, batch=batch, temp=int(m.temp_size_in_bytes),
+                      argument=int(m.argument_size_in_bytes),
+                      output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes),
+                      compile_s=seconds)
+
+
+def print_lora_rows(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int, rank: int,
+                    base_dtypes=(None, "bfloat16")) -> list[tuple[str, StepMemory]]:
+    """Full fine-tuning vs LoRA (rank ``rank``, all seven projections; the base in the
+    param dtype and in bf16): compiled step memory in GiB."""
+    variants = [("full fine-tuning", None)] + [
+        (f"LoRA r={rank}" + (f", base {bd}" if bd else ""),
+         lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank, base_dtype=bd)) for bd in base_dtypes]
+    print(f"Qwen2.5-Math-1.5B shape, {cfg.num_hidden_layers} layers, batch {batch} x {seq}, "
+          f"{jnp.dtype(cfg.dtype).name} compute, {jnp.dtype(cfg.param_dtype).name} params, "
+          f"remat {cfg.remat} (GiB; peak = argument + output + temp - alias)")
+    print(f"{'variant':>26} {'argument':>8} {'output':>8} {'temp':>8} {'alias':>8} "
+          f"{'peak':>8} {'compile s':>9}")
+    rows = []
+    for name, lcfg in variants:
+        m = lora_step_memory(cfg, batch, seq, chunk_size, lcfg)
+        print(f"{name:>26} {m.argument / GIB:8.3f} {m.output / GIB:8.3f} {m.temp / GIB:8.3f} "
+              f"{m.alias / GIB:8.3f} {m.peak / GIB:8.3f} {m.compile_s:9.1f}")
+        rows.append((name, m))
+    return rows
 
 
 def batch_shapes(batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -471,6 +535,16 @@ def main(argv=None):
     st.add_argument("--dtype", default="bfloat16", help="compute dtype")
     st.add_argument("--param-dtype", default="float32")
     st.add_argument("--attention", default="xla", help="attention_impl (cudnn on GPU)")
+    lo = sub.add_parser("lora", help="compiled step memory: full fine-tuning vs LoRA")
+    lo.add_argument("--seq", type=int, default=2048)
+    lo.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    lo.add_argument("--batch", type=int, default=1)
+    lo.add_argument("--rank", type=int, default=16)
+    lo.add_argument("--remat", default="full", choices=REMAT_POLICIES)
+    lo.add_argument("--chunk-size", type=int, default=512)
+    lo.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    lo.add_argument("--param-dtype", default="float32")
+    lo.add_argument("--attention", default="xla", help="attention_impl (cudnn on GPU)")
     es = sub.add_parser("estimate", help="analytic memory table for Qwen2.5-Math-1.5B")
     es.add_argument("--seq", type=int, default=2048)
     es.add_argument("--chunk-size", type=int, default=512)
@@ -481,6 +555,13 @@ def main(argv=None):
         print_fsdp(cfg, fsdp_rows(cfg))
     elif args.cmd == "estimate":
         print_estimate(qwen2p5_math_1p5b(), args.seq, args.chunk_size)
+    elif args.cmd == "lora":
+        cfg = qwen2p5_math_1p5b(dtype=jnp.dtype(args.dtype),
+                                param_dtype=jnp.dtype(args.param_dtype),
+                                attention_impl=args.attention, remat=args.remat)
+        if args.layers is not None:
+            cfg = cfg.replace(num_hidden_layers=args.layers)
+        print_lora_rows(cfg, args.batch, args.seq, args.chunk_size, args.rank)
     else:
         if args.max_batch & (args.max_batch - 1):
             ap.error(f"--max-batch={args.max_batch} must be a power of two")

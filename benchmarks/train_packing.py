@@ -3,6 +3,7 @@
     python benchmarks/train_packing.py                       # 21M model, byte tokenizer, CPU
     python benchmarks/train_packing.py --tokenizer qwen      # lengths of the real Qwen BPE
     python benchmarks/train_packing.py --tiny                # seconds (CI runs this)
+    python benchmarks/train_packing.py --step grpo --workload longtail   # GRPO's train step
 
 Both ways train on the same sequences, one epoch each, with the same jitted step
 (``jaxalign.trainer.Trainer`` + ``sft_loss_fn``): *bucketed* is today's SFT pipeline
@@ -12,6 +13,13 @@ positions filled first-fit with whole sequences, attention kept within each by s
 ids). Useful tokens are the positions holding a real token (not padding); each way's time
 excludes compilation (every shape is compiled first). The ratio is measured side by side,
 ``--repeats`` times, alternating, and reported as median and spread.
+
+``--step grpo`` times GRPO's train step instead (``grpo_loss_fn``, reinforce with baseline,
+per-sequence token means) on one rollout batch of all the sequences, micro-batches of
+``--batch`` rows: *bucketed* is today's GRPO batch (``build_rollout_batch``: every row
+padded to the batch's one width, the longest row's multiple of 32); *packed* is
+``train.packing=True`` (``build_packed_rollout_batch`` at that width, the same number of
+micro-batches, each a power of two of rows).
 
 Workloads (``--workload``):
 
@@ -34,8 +42,10 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 
+from jaxalign.algorithms import grpo
 from jaxalign.algorithms.sft import sft_loss_fn
 from jaxalign.data import datasets, packing
 from jaxalign.data.prompts import format_prompt
@@ -46,6 +56,7 @@ from jaxalign.models import init_model
 from jaxalign.models.hf_io import load_tokenizer
 from jaxalign.models.qwen2 import Qwen2Config
 from jaxalign.optim import OptimConfig, make_optimizer
+from jaxalign.rollout import Completion
 from jaxalign.trainer import Trainer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -113,6 +124,28 @@ def packed_batches(seqs, batch: int, width: int, pad_id: int, seed: int):
     return out, real
 
 
+def grpo_batches(seqs, batch: int, pad_id: int, seed: int):
+    """GRPO's rollout batch both ways: ``(bucketed micro-batches, packed micro-batches,
+    width)``; the same advantages and sampler log-probs."""
+    rng = np.random.default_rng(seed)
+    prompts = [p for p, _ in seqs]
+    comps = [Completion(text="", token_ids=r, finish_reason="stop",
+                        logprobs=list(-rng.uniform(0.1, 3.0, len(r)))) for _, r in seqs]
+    n = len(seqs) - len(seqs) % batch  # whole micro-batches
+    prompts, comps = prompts[:n], comps[:n]
+    adv, raw = rng.normal(size=n), rng.uniform(size=n)
+    width = grpo.bucket_width(max(len(p) + len(c.token_ids) for p, c in zip(
+        prompts, comps, strict=True)), 32)
+    micro = n // batch
+    full = grpo.build_rollout_batch(prompts, comps, adv, raw, pad_id=pad_id, width=width)
+    packed = grpo.build_packed_rollout_batch(
+        prompts, comps, adv, raw, pad_id=pad_id, width=width, row_mask=np.ones(n, bool),
+        optimizer_steps=1, micro_batches=micro, row_multiple=1,
+        length_normalization="masked_mean")
+    return (list(grpo.micro_batches(full, batch)),
+            list(grpo.micro_batches(packed, len(packed["input_ids"]) // micro)), width)
+
+
 def run_epoch(trainer, batches) -> float:
     t0 = time.perf_counter()
     for b in batches:
@@ -124,6 +157,7 @@ def run_epoch(trainer, batches) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="gsm8k", choices=("gsm8k", "longtail"))
+    ap.add_argument("--step", default="sft", choices=("sft", "grpo"), help="whose train step")
     ap.add_argument("--preset", default="21m", choices=sorted(PRESETS))
     ap.add_argument("--tokenizer", default="byte", help="byte, qwen or a HF tokenizer dir")
     ap.add_argument("--num", type=int, default=96, help="sequences")
@@ -154,19 +188,30 @@ def main(argv=None) -> dict:
     if not kept:
         raise SystemExit(f"no sequence fits {width + 1} tokens: raise --buckets")
     pad_id = 0
-    bucketed, real = bucketed_batches(kept, args.batch, buckets, pad_id, args.seed)
-    packed, real_p = packed_batches(kept, args.batch, width, pad_id, args.seed)
-    assert real == real_p
+    if args.step == "grpo":
+        kept = kept[: len(kept) - len(kept) % args.batch]
+        bucketed, packed, width = grpo_batches(kept, args.batch, pad_id, args.seed)
+        real = sum(len(p) + len(r) - 1 for p, r in kept)
+        g = ml_collections.ConfigDict(dict(
+            loss_type="reinforce_with_baseline", length_normalization="masked_mean",
+            cliprange=0.2, cliprange_low=0.0, cliprange_high=0.0, beta=0.0, tis_cap=2.0))
+        loss_fn = grpo.grpo_loss_fn(g, use_old=False, use_tis=False, normalize_constant=1.0)
+    else:
+        bucketed, real = bucketed_batches(kept, args.batch, buckets, pad_id, args.seed)
+        packed, real_p = packed_batches(kept, args.batch, width, pad_id, args.seed)
+        assert real == real_p
+        loss_fn = sft_loss_fn()
 
     cfg = Qwen2Config(**arch, max_position_embeddings=max(2048, width),
                       tie_word_embeddings=True)
     tx, _ = make_optimizer(OptimConfig(lr=1e-5, total_steps=1000, weight_decay=1e-4))
-    trainer = Trainer.create(init_model(cfg, seed=0), tx, sft_loss_fn())
+    trainer = Trainer.create(init_model(cfg, seed=0), tx, loss_fn)
     # compile every shape first: one batch per bucketed width, and the packed shape
     widths = sorted({b["input_ids"].shape[1] for b in bucketed})
     for w in widths:
         run_epoch(trainer, [next(b for b in bucketed if b["input_ids"].shape[1] == w)])
-    run_epoch(trainer, packed[:1])
+    for shape in sorted({b["input_ids"].shape for b in packed}):
+        run_epoch(trainer, [next(b for b in packed if b["input_ids"].shape == shape)])
 
     times = {"bucketed": [], "packed": []}
     for _ in range(args.repeats):  # alternating: a slow moment hits both ways alike
@@ -177,7 +222,8 @@ def main(argv=None) -> dict:
     padded_p = sum(b["input_ids"].size for b in packed)
     lengths = [len(p) + len(r) for p, r in kept]
     out = {
-        "workload": args.workload, "tokenizer": args.tokenizer, "preset": args.preset,
+        "step": args.step, "workload": args.workload, "tokenizer": args.tokenizer,
+        "preset": args.preset,
         "params": cfg.num_params(), "device": str(jax.devices()[0].device_kind),
         "sequences": len(kept), "dropped_longer_than_width": len(seqs) - len(kept),
         "length_median": int(np.median(lengths)), "length_max": int(max(lengths)),

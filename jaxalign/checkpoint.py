@@ -3,7 +3,10 @@
 A checkpoint holds the parameters and optimizer state (sharded arrays, written
 collectively by every process, restored onto whatever mesh the restoring run uses) and a
 JSON record of everything else a run needs to continue bit-for-bit: the step, the data
-iterator state, the RNG seed/counters and free-form metadata.
+iterator state, the RNG seed/counters and free-form metadata. A LoRA run (``config.lora.rank
+> 0``) saves only what it trains, the adapters and their optimizer state: the frozen base is
+rebuilt exactly from the config (``model.path``, or the random preset from ``model.seed``;
+``models.build``), and ``restore_policy`` puts the saved adapters on it.
 
 HF export of any step of a finished (or running) run, from the shell::
 
@@ -32,6 +35,7 @@ from etils import epath  # local paths and gs:// alike
 from flax import nnx
 
 from jaxalign import storage
+from jaxalign.models import lora as lora_lib
 from jaxalign.models import save_pretrained
 from jaxalign.models.build import build_model_and_tokenizer
 
@@ -304,18 +308,22 @@ def checkpoint_steps(run_dir: str | os.PathLike, name: str = "checkpoints") -> l
     return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
-def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: str | None = None):
+def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: str | None = None,
+                   *, merged: bool = True):
     """The policy of a training run at checkpoint ``step`` (default: the latest).
 
     The model is rebuilt from the run's ``config.json`` (its ``model`` block: a checkpoint
-    path or a random preset with the byte tokenizer); only the parameters of ``step`` are
-    read, not the optimizer state.
+    path or a random preset with the byte tokenizer; its ``lora`` block, if any); only the
+    parameters of ``step`` are read (a LoRA run's: the adapters), not the optimizer state.
 
     Args:
         run_dir: a run directory (``config.json`` and ``checkpoints/``).
         step: the checkpoint step; None picks the latest.
         dtype: compute dtype to build the model with (default: the run's); parameters keep
             the dtype they were saved in.
+        merged: a LoRA run's policy with its adapters folded in (``lora.merge_lora``: a
+            plain model, what samplers and exports take); False keeps the adapters apart
+            (``lora_io.save_adapter``).
 
     Returns:
         ``(model, tokenizer, step)``.
@@ -341,8 +349,9 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     model_cfg = ml_collections.ConfigDict(run_cfg["model"])
     if dtype is not None:
         model_cfg.dtype = dtype
-    model, tokenizer = build_model_and_tokenizer(model_cfg)
-    params = nnx.state(model, nnx.Param)
+    lora_block = ml_collections.ConfigDict(run_cfg["lora"]) if "lora" in run_cfg else None
+    model, tokenizer = build_model_and_tokenizer(model_cfg, lora=lora_block)
+    params = nnx.state(model, lora_lib.lora_filter if lora_lib.has_lora(model) else nnx.Param)
     target = {"params": _abstract(params)}
     manager = ocp.CheckpointManager(epath.Path(run_dir) / "checkpoints")
     try:
@@ -352,6 +361,8 @@ def restore_policy(run_dir: str | os.PathLike, step: int | None = None, dtype: s
     finally:
         manager.close()
     nnx.update(model, restored["state"]["params"])
+    if merged and lora_lib.has_lora(model):
+        model = lora_lib.merge_lora(model)
     return model, tokenizer, step
 
 

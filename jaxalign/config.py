@@ -26,6 +26,7 @@ from jaxalign.data.synthetic import DEMO_TEMPLATE
 # In the leaf module ``errors`` (the sidecar's environment, without ml_collections, imports
 # it too); re-exported here, where the loops and configs look for them.
 from jaxalign.errors import ConfigError, check  # noqa: F401
+from jaxalign.models.lora import validate_lora
 
 # --- the config blocks every algorithm shares ------------------------------------------
 
@@ -34,8 +35,9 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     """The blocks every ``configs/*.py`` starts from; each field's one default is here.
 
     Blocks: ``model`` (checkpoint path or random preset, dtypes, attention, remat),
-    ``mesh`` (data x fsdp x tensor; one may be -1), ``optim`` (AdamW + schedule),
-    ``checkpoint`` and ``log``. Algorithms add ``data``, ``train`` and their own blocks.
+    ``lora`` (``lora_block``: rank 0, off), ``mesh`` (data x fsdp x tensor; one may be -1),
+    ``optim`` (AdamW + schedule), ``checkpoint`` and ``log``. Algorithms add ``data``,
+    ``train`` and their own blocks.
     """
     c = ml_collections.ConfigDict()
     c.name = name
@@ -55,6 +57,8 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights
     c.model.attention_impl = "xla"  # xla | dot_product | cudnn
     c.model.remat = "none"  # none | full | save_dots
+    # LoRA adapters on the policy (``--config.lora.rank=16``); rank 0: full fine-tuning
+    c.lora = lora_block()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
@@ -177,6 +181,10 @@ def rollout_blocks(c: ml_collections.ConfigDict) -> None:
     c.train = dict(
         loss_chunk_size=0,  # >0: chunked vocabulary projection (152k vocabularies)
         width_multiple=32,  # rollout batches are padded to a multiple of this (few compiles)
+        # True: several rollouts per row (segment ids, attention within each; losses per
+        # sequence as unpacked); rows of the bucketed width, a power of two of them per
+        # micro-batch (jaxalign.algorithms.grpo.build_packed_rollout_batch)
+        packing=False,
     )
     c.eval = dict(
         every=10,  # loop steps; the last step is always evaluated
@@ -244,6 +252,7 @@ def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
           f"{platform}: set --config.model.attention_impl=dot_product (or xla)")
     check(m.remat in ("none", "full", "save_dots"),
           f"config.model.remat={m.remat!r}; choose none, full or save_dots")
+    validate_lora(cfg.lora)
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check(sizes.count(-1) <= 1 and all(s == -1 or s >= 1 for s in sizes),
           f"config.mesh sizes {sizes}: each must be >= 1, and at most one may be -1")

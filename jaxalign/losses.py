@@ -44,13 +44,16 @@ def _f32(x: Any) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _per_sequence(x: Any) -> Array:
-    """Per-sequence values ``[B]`` or ``[B, 1]`` -> ``[B, 1]`` (at least float32)."""
+def _per_sequence(x: Any, like: Any) -> Array:
+    """Per-sequence values ``[B]`` or ``[B, 1]`` -> ``[B, 1]``; per-token values of ``like``'s
+    shape ``[B, T]`` (packed rows: each token carries its sequence's value) as they are.
+    At least float32."""
     x = _f32(x)
     if x.ndim == 1:
         return x[:, None]
-    if x.ndim != 2 or x.shape[1] != 1:
-        raise ValueError(f"expected per-sequence values of shape [B] or [B, 1], got {x.shape}")
+    if x.ndim != 2 or (x.shape[1] != 1 and x.shape != jnp.shape(like)):
+        raise ValueError("expected per-sequence values [B] or [B, 1], or per-token values "
+                         f"[B, T] = {jnp.shape(like)}, got shape {x.shape}")
     return x
 
 
@@ -429,7 +432,8 @@ def compute_naive_policy_gradient_loss(
     Returns:
         ``[B, T]`` per-token loss, at least float32.
     """
-    return -_per_sequence(raw_rewards_or_advantages) * _f32(policy_log_probs)
+    return -_per_sequence(raw_rewards_or_advantages, policy_log_probs) * _f32(
+        policy_log_probs)
 
 
 def _clip_bounds(
@@ -472,7 +476,7 @@ def compute_grpo_clip_loss(
         i.e. the token gets no gradient.
     """
     low, high = _clip_bounds(cliprange, cliprange_low, cliprange_high)
-    adv = _per_sequence(advantages)
+    adv = _per_sequence(advantages, policy_log_probs)
     ratio = jnp.exp(_f32(policy_log_probs) - _f32(old_log_probs))
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - low, 1.0 + high) * adv
@@ -541,7 +545,7 @@ def compute_policy_gradient_loss(
         )
     # grpo_no_clip
     ratio = jnp.exp(_f32(policy_log_probs) - _f32(old_log_probs))
-    return -ratio * _per_sequence(advantages), {"ratio": ratio}
+    return -ratio * _per_sequence(advantages, policy_log_probs), {"ratio": ratio}
 
 
 def kl_k3(policy_log_probs: Array, ref_log_probs: Array) -> Array:
@@ -594,6 +598,52 @@ def sft_microbatch_loss(
     return loss, metadata
 
 
+def sequence_token_weights(
+    response_lengths: np.ndarray,
+    length_normalization: str,
+    micro_batches: int,
+    normalize_constant: float | None = None,
+) -> np.ndarray:
+    """The per-token loss weight of each sequence of one optimizer step, for packed rows.
+
+    ``grpo_microbatch_loss(..., token_weights=w)`` sums ``w * per_token`` over response
+    tokens; optax.MultiSteps then averages the ``micro_batches`` micro-batch gradients.
+    These weights make that equal to the unpacked loss, whichever rows the sequences were
+    packed into (S sequences in the step, ``L_i`` response tokens of sequence i):
+
+    * ``"masked_mean"``: ``micro_batches / (S * L_i)`` (0 where ``L_i = 0``): the mean over
+      sequences of each one's token mean, as unpacked micro-batches of equal size give.
+    * ``"masked_normalize"``: ``micro_batches / (S * normalize_constant)``.
+    * ``"token_mean"``: ``micro_batches / sum(L)``: the token mean over the whole step
+      (DAPO's definition); unpacked rows take it per micro-batch, which is the same only
+      when micro-batches hold equal token counts.
+
+    Args:
+        response_lengths: ``[S]`` response tokens (after any row mask) of the step's
+            sequences, filtered ones included (they count in S, as unpacked rows do).
+        length_normalization: one of ``LENGTH_NORMALIZATIONS``.
+        micro_batches: micro-batches per optimizer step (``grad_accum_steps``).
+        normalize_constant: the divisor of ``"masked_normalize"``.
+
+    Returns:
+        ``[S]`` float32.
+    """
+    lengths = np.asarray(response_lengths, np.float64)
+    if length_normalization == "masked_mean":
+        w = np.divide(micro_batches, len(lengths) * lengths, out=np.zeros_like(lengths),
+                      where=lengths > 0)
+    elif length_normalization == "token_mean":
+        w = np.full_like(lengths, micro_batches / max(lengths.sum(), 1.0))
+    elif length_normalization == "masked_normalize":
+        if normalize_constant is None:
+            raise ValueError("length_normalization='masked_normalize' needs normalize_constant")
+        w = np.full_like(lengths, micro_batches / (len(lengths) * normalize_constant))
+    else:
+        raise ValueError(f"unknown length_normalization {length_normalization!r}; "
+                         f"choose one of {LENGTH_NORMALIZATIONS}")
+    return w.astype(np.float32)
+
+
 def _aggregate(
     per_token: Array,
     mask: Array,
@@ -626,6 +676,7 @@ def grpo_microbatch_loss(
     beta: float | Array = 0.0,
     tis_log_probs: Array | None = None,
     tis_cap: float = 2.0,
+    token_weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Policy-gradient loss of one microbatch, aggregated over tokens and sequences.
 
@@ -642,6 +693,11 @@ def grpo_microbatch_loss(
       (e.g. the maximum generation length), then mean over rows; no length bias.
 
     Finally divided by ``gradient_accumulation_steps``.
+
+    Packed rows (several sequences per row, ``jaxalign.data.packing``) cannot be normalised
+    by row: there ``token_weights`` (from ``sequence_token_weights``, spread over each
+    sequence's tokens) replace ``length_normalization``, and the loss is
+    ``sum(token_weights * per_token)`` over the response tokens.
 
     Truncated importance sampling (TIS): when the rollouts were sampled by another engine
     (e.g. vLLM), its log-probs differ slightly from the trainer's. Given the sampler's
@@ -663,6 +719,8 @@ def grpo_microbatch_loss(
         beta: KL coefficient; a non-zero Python number requires ``ref_log_probs``.
         tis_log_probs: ``[B, T]`` the sampler's log-probs; enables TIS weights.
         tis_cap: upper bound of the TIS weight.
+        token_weights: ``[B, T]`` per-token weights of packed rows; replaces
+            ``length_normalization`` (see above).
 
     Returns:
         ``(loss, metadata)``: a scalar (at least float32) and scalar metadata:
@@ -704,14 +762,17 @@ def grpo_microbatch_loss(
         weight = jnp.minimum(jnp.exp(_f32(behaviour) - _f32(tis_log_probs)), tis_cap)
         per_token = per_token * jax.lax.stop_gradient(weight)
         metadata["tis_weight_mean"] = masked_mean(weight, response_mask)
-    metadata["policy_loss"] = _aggregate(
-        per_token, response_mask, length_normalization, normalize_constant
-    )
+    def aggregate(x):
+        if token_weights is not None:
+            return jnp.sum(jnp.where(response_mask, x * _f32(token_weights), 0.0))
+        return _aggregate(x, response_mask, length_normalization, normalize_constant)
+
+    metadata["policy_loss"] = aggregate(per_token)
     if ref_log_probs is not None:
         kl = kl_k3(policy_log_probs, ref_log_probs)
         per_token = per_token + beta * kl
         metadata["kl"] = masked_mean(kl, response_mask)
-    loss = _aggregate(per_token, response_mask, length_normalization, normalize_constant)
+    loss = aggregate(per_token)
     if "ratio" in pg_meta:
         metadata["ratio_mean"] = masked_mean(pg_meta["ratio"], response_mask)
     if "is_clipped" in pg_meta:

@@ -41,7 +41,7 @@ from jaxalign import storage
 from jaxalign.checkpoint import Checkpointer
 from jaxalign.config import ConfigError
 from jaxalign.logging import MetricsLogger, read_metrics
-from jaxalign.models import save_pretrained
+from jaxalign.models import save_adapter, save_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ RESUME_FIXED = (
     "model.arch",
     "model.seed",
     "model.param_dtype",
+    "lora",  # adapters or not, their shapes, scale and the base's dtype
     "data",
     "optim.grad_accum_steps",
     "train.batch_size",
@@ -345,6 +346,15 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, dtype=None) -> Path 
     them (a collective) and only process 0 writes files.
     """
     save_pretrained(model, out_dir, tokenizer=tokenizer, dtype=dtype)
+    return Path(out_dir) if jax.process_index() == 0 else None
+
+
+def export_adapter(model, out_dir: str | os.PathLike, base: str | None = None) -> Path | None:
+    """Writes a LoRA model's adapters alone in PEFT's format (``adapter_config.json``,
+    ``adapter_model.safetensors``; ``lora_io.save_adapter``), ``base`` recorded as
+    ``base_model_name_or_path``; returns the directory (on process 0, else None). Every
+    process calls this (the adapters are gathered)."""
+    save_adapter(model, out_dir, base_model_name_or_path=base)
     return Path(out_dir) if jax.process_index() == 0 else None
 
 

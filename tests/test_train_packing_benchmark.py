@@ -22,3 +22,11 @@ def test_tiny_run_reports_both_ways_on_the_same_tokens(workload, capsys):
     assert out["speedup_min"] <= out["speedup_median"] <= out["speedup_max"]
     assert out["packed_tokens_per_s"] > 0 and out["bucketed_tokens_per_s"] > 0
     assert '"speedup_median"' in capsys.readouterr().out
+
+
+def test_tiny_grpo_step_run_packs_the_rollout_batch():
+    out = train_packing.main(["--tiny", "--tokenizer", "qwen", "--workload", "longtail",
+                              "--step", "grpo"])
+    assert out["step"] == "grpo" and out["packed_steps"] == out["bucketed_steps"]
+    assert out["packed_padding_fraction"] < out["bucketed_padding_fraction"]
+    assert out["packed_tokens_per_s"] > 0

@@ -189,11 +189,13 @@ def dpo_loss_fn(beta: float, chunk_size: int = 0):
 
 
 def make_pair_log_prob_fn(graphdef, chunk_size: int = 0, mesh=None):
-    """Jitted ``(params, batch) -> (chosen [B], rejected [B])``: the reference's forward and
-    the held-out evaluation's, traced on ``mesh`` like the train step."""
+    """Jitted ``(states, batch) -> (chosen [B], rejected [B])`` of the model
+    ``nnx.merge(graphdef, *states)`` (``Trainer.states()`` / ``Trainer.reference()``): the
+    reference's forward and the held-out evaluation's, traced on ``mesh`` like the train
+    step."""
 
-    def fn(params, batch):
-        return pair_log_probs(nnx.merge(graphdef, params), batch, chunk_size)
+    def fn(states, batch):
+        return pair_log_probs(nnx.merge(graphdef, *states), batch, chunk_size)
 
     return jax.jit(sharding.traced_on(mesh, fn))
 
@@ -215,7 +217,7 @@ class DPO(Algorithm):
         t, d = cfg.train, cfg.data
         train_pairs, held_out_pairs = load_pairs(d)  # bad rows stop the run before a model loads
         self.mesh = sharding.mesh_from_config(cfg)
-        model, tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
+        model, tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh, cfg.lora)
         # Before anything compiles: every pair within the widest bucket, itself within the
         # model's context (past it RoPE extrapolates and the log-probs are quietly wrong).
         context = model.config.max_position_embeddings
@@ -242,10 +244,12 @@ class DPO(Algorithm):
         self.steps = t.steps
         tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, t.steps))
         self.trainer = Trainer.create(model, tx, dpo_loss_fn(cfg.dpo.beta, t.loss_chunk_size),
-                                      self.mesh)
+                                      self.mesh, dropout_seed=cfg.seed)
         # The frozen starting policy: a copy, since the train step donates (overwrites) the
-        # trainer's buffers. Taken before any resume restores later parameters.
-        self.ref_params = jax.tree.map(jnp.copy, self.trainer.params)
+        # trainer's buffers; under LoRA a copy of the (zero-B) adapters over the trainer's
+        # frozen base, never copied (Trainer.reference). Taken before any resume restores
+        # later parameters.
+        self.ref_params = self.trainer.reference()
         self.log_probs = make_pair_log_prob_fn(self.trainer.graphdef, t.loss_chunk_size,
                                                self.mesh)
         self.it = preferences.make_preference_iterator(
@@ -297,7 +301,7 @@ class DPO(Algorithm):
         pol = []
         for b, _ in self._held_out_batches:
             placed = self.trainer.place_batch(b, global_batch=True)
-            pol.append(tuple(to_host(x) for x in self.log_probs(self.trainer.params, placed)))
+            pol.append(tuple(to_host(x) for x in self.log_probs(self.trainer.states(), placed)))
         pi_c, pi_r = self._concat(pol)
         ref_c, ref_r = self._held_out_ref
         loss, meta = losses.dpo_loss(pi_c, pi_r, ref_c, ref_r, self.cfg.dpo.beta)

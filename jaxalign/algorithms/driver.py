@@ -11,7 +11,8 @@ An algorithm file holds only what is its own: a class with the attributes and me
         validate every eval.every steps and at the last step
         checkpoint every checkpoint.save_every steps and at the last (the validation before
             training and algo.saved_state() ride along, so a resumed run's summary has them)
-    export hf/, plot the curves, write summary.json, print the table
+    export hf/ (and, under LoRA, adapter/), plot the curves, write summary.json, print the
+        table
 
 A run restarted after its last step trains nothing, validates the final weights again and
 rewrites its summary.
@@ -139,7 +140,11 @@ def drive(algo: Algorithm, started: float | None = None) -> dict[str, Any]:
     if not eval_after and start >= steps:  # restarted after the end: report it again
         eval_after = algo.evaluate(steps)
     if cfg.checkpoint.export_hf:
+        # (a LoRA model is written merged: save_pretrained folds the adapters in)
         rundir.export_hf(algo.trainer.model(), algo.tokenizer, Path(algo.run_dir) / "hf")
+        if algo.trainer.is_lora:  # and the adapter alone, in PEFT's format
+            rundir.export_adapter(algo.trainer.model(), Path(algo.run_dir) / "adapter",
+                                  base=cfg.model.path or None)
     panels = algo.panels()
     if panels:
         rundir.plot_metrics(algo.run_dir, panels)

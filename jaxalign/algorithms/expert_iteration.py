@@ -38,6 +38,7 @@ from jaxalign.algorithms import sft
 from jaxalign.algorithms.driver import drive
 from jaxalign.algorithms.policy_run import PolicyRun, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
+from jaxalign.data import packing
 from jaxalign.data.tokenize import collate_prompt_and_output
 from jaxalign.optim import make_optimizer
 from jaxalign.trainer import Trainer
@@ -88,19 +89,30 @@ def select_correct(
 
 
 def sft_micro_batches(prompt_ids, response_ids, *, micro_batch: int, pad_id: int,
-                      width_multiple: int, epochs: int, seed: int):
+                      width_multiple: int, epochs: int, seed: int, packed: bool = False):
     """Fixed-shape micro-batches of (prompt, response) ids for ``epochs`` shuffled passes.
 
     The last micro-batch of an epoch is filled with all-masked rows (no loss, no gradient),
     so every micro-batch has ``micro_batch`` rows; the width is one multiple of
-    ``width_multiple`` for the whole call.
+    ``width_multiple`` for the whole call. ``packed``: each row holds several sequences
+    (first-fit in the shuffled order, ``jaxalign.data.packing``; ``segment_ids`` added),
+    and ``micro_batch`` counts packed rows, as SFT's ``train.packing`` does.
     """
     n = len(prompt_ids)
-    longest = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
-    width = -(-(longest - 1) // width_multiple) * width_multiple
+    lengths = np.array([len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
+    width = -(-(lengths.max() - 1) // width_multiple) * width_multiple
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         order = rng.permutation(n)
+        if packed:
+            rows = [[int(order[j]) for j in row] for row in packing.plan_rows(lengths[order],
+                                                                              width)]
+            for start in range(0, len(rows), micro_batch):
+                part = rows[start:start + micro_batch]
+                yield packing.collate_packed(prompt_ids, response_ids,
+                                             part + [[]] * (micro_batch - len(part)),
+                                             pad_id, width)
+            continue
         for start in range(0, n, micro_batch):
             rows = order[start : start + micro_batch]
             batch = collate_prompt_and_output([prompt_ids[i] for i in rows],
@@ -130,7 +142,7 @@ class ExpertIteration(PolicyRun):
                                                 // e.batch_size)
         tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, upper))
         self.trainer = Trainer.create(self.policy, tx, sft.sft_loss_fn(cfg.train.loss_chunk_size),
-                                      self.mesh)
+                                      self.mesh, dropout_seed=cfg.seed)
         self.start_engine(self.trainer.model())
 
     def step(self, step: int) -> dict[str, float]:
@@ -167,7 +179,7 @@ class ExpertIteration(PolicyRun):
         batches = sft_micro_batches(
             prompt_ids, response_ids, micro_batch=e.batch_size // accum, pad_id=self.pad_id,
             width_multiple=self.cfg.train.width_multiple, epochs=e.sft_epochs,
-            seed=self.cfg.seed * 7919 + step)
+            seed=self.cfg.seed * 7919 + step, packed=self.cfg.train.packing)
         # With accumulation, micro-batches beyond the last multiple of grad_accum_steps are
         # averaged into the next step's first update (optax.MultiSteps keeps them).
         results = jax.device_get([self.trainer.train_step(b, global_batch=True)

@@ -37,6 +37,10 @@ Departures from and options around the paper (DeepSeekMath; CS336 assignment 5 n
   verifier reward, your own ``module:function``, or a weighted sum of them
   (``"r1_zero + 0.1*my_rewards:length_penalty"``; ``jaxalign.verify.rewards``). Each term
   of a composite or user reward is logged as ``train/reward/<term>`` (unweighted).
+* ``train.packing`` (off by default): several rollouts per row (``build_packed_rollout_batch``:
+  segment ids keep attention within each, ``losses.sequence_token_weights`` keep every
+  loss type and length normalisation equal to the unpacked batch's; rollouts without
+  gradient are left out). ``train/fill`` logs the share of positions holding a token.
 * Safety: ``frac_reward_zero_std`` is logged; mean token entropy under ``entropy_floor``
   warns (and with ``stop_on_collapse`` stops); so does format reward rising while answer
   reward falls (reward hacking the format).
@@ -49,6 +53,7 @@ reward before and after GRPO.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -65,6 +70,7 @@ from jaxalign import evaluation, losses, optim, sharding
 from jaxalign.algorithms.driver import Stopwatch, drive
 from jaxalign.algorithms.policy_run import PolicyRun, Rollouts, validate_rollout_config
 from jaxalign.config import check, check_micro_batch
+from jaxalign.data import packing
 from jaxalign.distributed import to_host
 from jaxalign.optim import make_optimizer
 from jaxalign.trainer import Trainer
@@ -177,6 +183,96 @@ def build_rollout_batch(
     }
 
 
+def build_packed_rollout_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Any],
+    advantages: np.ndarray,
+    raw_rewards: np.ndarray,
+    *,
+    pad_id: int,
+    width: int,
+    row_mask: np.ndarray,
+    optimizer_steps: int,
+    micro_batches: int,
+    row_multiple: int,
+    length_normalization: str,
+    normalize_constant: float | None = None,
+) -> dict[str, np.ndarray]:
+    """Rollouts -> packed rows (several rollouts per row), static shapes, the same loss.
+
+    The N rollouts are cut into ``optimizer_steps`` consecutive chunks (one optimizer step's
+    train batch each, as unpacked); each chunk's rollouts with gradient are packed first-fit
+    (``packing.plan_rows``) into rows of ``width`` positions and spread over its
+    ``micro_batches`` micro-batches of P rows each. P is the same for every micro-batch
+    (``row_bucket``: few shapes, a multiple of ``row_multiple``, the data-parallel devices),
+    and never more than the unpacked micro-batch's rows. Rollouts without gradient
+    (``row_mask`` False: filtered groups, masked truncations) are left out: unpacked they
+    cost a full row for nothing; they still count in their step's sequence count.
+
+    Per token, ``advantages``/``raw_rewards`` are their sequence's and ``token_weights``
+    (``losses.sequence_token_weights``) make the summed loss equal the unpacked one.
+
+    Returns:
+        ``build_rollout_batch``'s arrays with rows ``[optimizer_steps * micro_batches * P]``
+        (``advantages``, ``raw_rewards`` per token ``[R, T]``), plus ``segment_ids``
+        ``[R, T]`` int32 and ``token_weights`` ``[R, T]`` float32.
+    """
+    n = len(completions)
+    row_mask = np.asarray(row_mask, bool)
+    advantages = np.asarray(advantages, np.float32).reshape(n)
+    raw_rewards = np.asarray(raw_rewards, np.float32).reshape(n)
+    lengths = np.array([len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions,
+                                                                    strict=True)])
+    response = np.array([len(c.token_ids) for c in completions]) * row_mask
+    chunk = n // optimizer_steps
+    plans, weights = [], np.zeros(n, np.float32)
+    for start in range(0, n, chunk):
+        kept = [i for i in range(start, start + chunk) if row_mask[i]]
+        rows = [[kept[j] for j in row] for row in packing.plan_rows(lengths[kept], width)]
+        parts = np.array_split(np.arange(len(rows)), micro_batches)  # sizes differ by <= 1
+        plans.append([[rows[r] for r in part] for part in parts])
+        weights[start:start + chunk] = losses.sequence_token_weights(
+            response[start:start + chunk], length_normalization, micro_batches,
+            normalize_constant)
+    most = max(len(part) for plan in plans for part in plan)
+    per_micro = row_bucket(most, row_multiple, cap=max(chunk // micro_batches, row_multiple))
+    rows = [row for plan in plans for part in plan
+            for row in part + [[]] * (per_micro - len(part))]
+    completion_ids = [c.token_ids for c in completions]
+    batch = packing.collate_packed(prompt_ids, completion_ids, rows, pad_id, width)
+    seq = np.full(batch["segment_ids"].shape, -1, np.int64)  # the rollout at each position
+    sampler = np.zeros(seq.shape, np.float32)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            end = at + lengths[i] - 1
+            seq[r, at:end] = i
+            if completions[i].logprobs is not None:
+                sampler[r, end - len(completion_ids[i]):end] = completions[i].logprobs
+            at = end
+    some = seq >= 0
+    batch["response_mask"] &= some  # (padding is never a response; kept explicit)
+    batch.update(
+        sampler_log_probs=sampler,
+        advantages=np.where(some, advantages[seq], 0.0).astype(np.float32),
+        raw_rewards=np.where(some, raw_rewards[seq], 0.0).astype(np.float32),
+        token_weights=np.where(batch["response_mask"], weights[seq], 0.0).astype(np.float32),
+    )
+    return batch
+
+
+def row_bucket(rows: int, multiple: int, cap: int) -> int:
+    """The fewest of ``multiple * {1, 2, 3, 4, 6, 8, 12, ...}`` rows (steps of at most 1.5x:
+    few compiled shapes, at most a third of the rows empty) that hold ``rows``, at most
+    ``cap`` (itself a multiple of ``multiple``)."""
+    need = max(-(-rows // multiple), 1)
+    size = 1
+    while size < need:
+        # 1, 2, 3, 4, 6, 8, 12, 16, ...: a power of two grows by 1.5x, its 1.5x by 4/3
+        size = 2 if size == 1 else size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return min(size * multiple, cap)
+
+
 def overlong_penalty(lengths: np.ndarray, max_tokens: int, buffer: int, coef: float) -> np.ndarray:
     """DAPO's soft overlong penalty ``[N]``: 0 up to ``max_tokens - buffer``, then linear to
     ``-coef`` at ``max_tokens``."""
@@ -211,8 +307,9 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
                  normalize_constant: float, chunk_size: int = 0):
     """``loss_fn(model, batch) -> (loss, metrics)`` for the GRPO train step.
 
-    ``batch`` holds ``build_rollout_batch``'s arrays, plus ``old_log_probs`` when
-    ``use_old`` and ``ref_log_probs`` when ``g.beta > 0``.
+    ``batch`` holds ``build_rollout_batch``'s arrays (or ``build_packed_rollout_batch``'s,
+    with ``segment_ids`` and ``token_weights``), plus ``old_log_probs`` when ``use_old`` and
+    ``ref_log_probs`` when ``g.beta > 0``.
     """
     cliprange = g.cliprange if g.cliprange > 0 else None
     low = g.cliprange_low if g.cliprange_low > 0 else None
@@ -220,7 +317,8 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
 
     def loss_fn(model, batch):
         out = losses.policy_log_probs(model, batch["input_ids"], batch["labels"],
-                                      chunk_size=chunk_size, entropy=True)
+                                      chunk_size=chunk_size, entropy=True,
+                                      segment_ids=batch.get("segment_ids"))
         logp, mask = out["log_probs"], batch["response_mask"]
         loss, meta = losses.grpo_microbatch_loss(
             logp, mask, 1, g.loss_type,
@@ -231,6 +329,7 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
             normalize_constant=normalize_constant,
             ref_log_probs=batch.get("ref_log_probs"), beta=g.beta,
             tis_log_probs=batch["sampler_log_probs"] if use_tis else None, tis_cap=g.tis_cap,
+            token_weights=batch.get("token_weights"),  # packed rows
         )
         diff = jnp.abs(jax.lax.stop_gradient(logp) - batch["sampler_log_probs"])
         meta["entropy"] = losses.masked_mean(out["token_entropy"], mask)
@@ -242,13 +341,15 @@ def grpo_loss_fn(g: ml_collections.ConfigDict, *, use_old: bool, use_tis: bool,
 
 
 def make_log_prob_fn(graphdef, chunk_size: int = 0, mesh=None):
-    """Jitted ``(params, input_ids, labels) -> log_probs [B, T]`` (old and reference),
-    traced on ``mesh`` like the train step (activations sharded by batch)."""
+    """Jitted ``(states, input_ids, labels, segment_ids=None) -> log_probs [B, T]`` (old and
+    reference) of the model ``nnx.merge(graphdef, *states)`` (``Trainer.states()`` or
+    ``Trainer.reference()``: under LoRA the adapters and the frozen base), traced on
+    ``mesh`` like the train step (activations sharded by batch)."""
 
-    def fn(params, input_ids, labels):
-        model = nnx.merge(graphdef, params)
-        return losses.policy_log_probs(model, input_ids, labels, chunk_size=chunk_size)[
-            "log_probs"]
+    def fn(states, input_ids, labels, segment_ids=None):
+        model = nnx.merge(graphdef, *states)
+        return losses.policy_log_probs(model, input_ids, labels, chunk_size=chunk_size,
+                                       segment_ids=segment_ids)["log_probs"]
 
     return jax.jit(sharding.traced_on(mesh, fn))
 
@@ -282,18 +383,22 @@ class GRPO(PolicyRun):
         # probability: TIS would be a second, redundant correction.
         self.use_tis = tis and not (g.old_log_probs == "engine" and self.use_old)
         self.normalize_constant = g.normalize_constant or cfg.sampling.max_tokens
+        # packed micro-batches split evenly over the processes and data-parallel devices
+        self.data_parallel = math.lcm(jax.process_count(), 1 if self.mesh is None else
+                                      self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.trainer = Trainer.create(
             self.policy, tx,
             grpo_loss_fn(g, use_old=self.use_old, use_tis=self.use_tis,
                          normalize_constant=self.normalize_constant,
                          chunk_size=cfg.train.loss_chunk_size),
-            self.mesh,
+            self.mesh, dropout_seed=cfg.seed,
         )
         self.log_prob_fn = make_log_prob_fn(self.trainer.graphdef, cfg.train.loss_chunk_size,
                                             self.mesh)
         self.ref_params = None
-        if g.beta > 0:  # the frozen starting policy (a copy: the trainer donates its buffers)
-            self.ref_params = jax.tree.map(jnp.copy, self.trainer.params)
+        if g.beta > 0:  # the frozen starting policy: a copy (the trainer donates its
+            # buffers); under LoRA of the adapters only, over the shared frozen base
+            self.ref_params = self.trainer.reference()
         self.start_engine(self.trainer.model())
         self.history: list[dict[str, float]] = []
 
@@ -309,7 +414,8 @@ class GRPO(PolicyRun):
         metrics.update(batch_metrics)
         metrics.update(self.train_on(batch))  # epochs x micro-batches of optimizer steps
         clock.lap("train_s")
-        self.engine.update_weights(self.trainer.model())  # the sampler gets the new policy
+        # the sampler gets the new policy (under LoRA, the adapters merged in)
+        self.engine.update_weights(self.trainer.model())
         clock.lap("weight_sync_s")
         return {**metrics, **self.timing(rollouts, batch, clock)}
 
@@ -371,8 +477,16 @@ class GRPO(PolicyRun):
         longest = max(len(p) + len(c.token_ids) for p, c in zip(prompt_ids, completions,
                                                                   strict=True))
         width = bucket_width(longest, self.cfg.train.width_multiple)
-        batch = build_rollout_batch(prompt_ids, completions, advantages, raw, pad_id=self.pad_id,
-                                    width=width, row_mask=keep)
+        if self.cfg.train.packing:
+            batch = build_packed_rollout_batch(
+                prompt_ids, completions, advantages, raw, pad_id=self.pad_id, width=width,
+                row_mask=keep, optimizer_steps=g.rollout_batch_size // g.train_batch_size,
+                micro_batches=self.cfg.optim.grad_accum_steps,
+                row_multiple=self.data_parallel, length_normalization=g.length_normalization,
+                normalize_constant=self.normalize_constant)
+        else:
+            batch = build_rollout_batch(prompt_ids, completions, advantages, raw,
+                                        pad_id=self.pad_id, width=width, row_mask=keep)
         answer = np.array([sc["answer_reward"] for sc in scores])
         metrics = {
             "train/reward": meta["reward_mean"],
@@ -388,35 +502,47 @@ class GRPO(PolicyRun):
             "train/truncated_fraction": float(truncated.mean()),
             "train/rows_with_gradient": float(keep.mean()),
             "train/width": width,
+            "train/rows": len(batch["input_ids"]),
+            # positions holding a token of a rollout with gradient (the rest is padding)
+            "train/fill": float(sum(len(p) + len(c.token_ids) - 1 for p, c, k in zip(
+                prompt_ids, completions, keep, strict=True) if k) / batch["labels"].size),
         }
         # a composite or user reward's terms, unweighted (before the overlong penalty)
         metrics.update({f"train/{k}": v for k, v in evaluation.component_means(scores).items()})
         return batch, metrics
 
+    def micro_rows(self, batch: dict) -> int:
+        """Rows per micro-batch: ``train_batch_size / grad_accum_steps`` rollouts, or the
+        packed rows that hold them (the batch has one optimizer step's micro-batches per
+        ``train_batch_size`` rollouts, whichever the layout)."""
+        g = self.cfg.grpo
+        micro_batches = g.rollout_batch_size // g.train_batch_size * self.cfg.optim.grad_accum_steps
+        return len(batch["input_ids"]) // micro_batches
+
     def add_old_log_probs(self, batch: dict) -> None:
         """``old_log_probs`` (and ``ref_log_probs``) for the whole rollout batch, once."""
         g = self.cfg.grpo
-        micro = g.train_batch_size // self.cfg.optim.grad_accum_steps
+        micro = self.micro_rows(batch)
         if self.use_old:
             if g.old_log_probs == "engine":
                 batch["old_log_probs"] = batch["sampler_log_probs"]
             else:
-                batch["old_log_probs"] = self._forward(self.trainer.params, batch, micro)
+                batch["old_log_probs"] = self._forward(self.trainer.states(), batch, micro)
         if self.ref_params is not None:
             batch["ref_log_probs"] = self._forward(self.ref_params, batch, micro)
 
     def _forward(self, params, batch, micro) -> np.ndarray:
         out = []
         for mb in micro_batches(batch, micro):  # the rollout batch is global (policy_run.py)
-            placed = self.trainer.place_batch({k: mb[k] for k in ("input_ids", "labels")},
-                                              global_batch=True)
-            out.append(self.log_prob_fn(params, placed["input_ids"], placed["labels"]))
+            keys = [k for k in ("input_ids", "labels", "segment_ids") if k in mb]
+            placed = self.trainer.place_batch({k: mb[k] for k in keys}, global_batch=True)
+            out.append(self.log_prob_fn(params, **placed))
         return np.concatenate([to_host(x) for x in out])
 
     def train_on(self, batch: dict) -> dict[str, float]:
         """``epochs_per_rollout_batch`` passes over the batch; returns mean metrics."""
         g = self.cfg.grpo
-        micro = g.train_batch_size // self.cfg.optim.grad_accum_steps
+        micro = self.micro_rows(batch)
         results = []
         for _ in range(g.epochs_per_rollout_batch):
             for mb in micro_batches(batch, micro):

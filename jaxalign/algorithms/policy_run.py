@@ -259,7 +259,8 @@ class PolicyRun(Algorithm):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.reward = resolve_reward(cfg.data.reward)
         self.mesh = sharding.mesh_from_config(cfg)
-        self.policy, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
+        self.policy, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh,
+                                                                      cfg.lora)
         self.train_questions, self.held_out = load_questions(cfg.data)
         self.eval_sets = sft.load_eval_sets(cfg)
         self._fit_to_context(cfg)
@@ -313,7 +314,10 @@ class PolicyRun(Algorithm):
         warm_optim = ml_collections.ConfigDict(dict(self.cfg.optim.to_dict(), lr=w.lr,
                                                     warmup_steps=w.warmup_steps, schedule="cosine"))
         tx, schedule = make_optimizer(optim.optim_config(warm_optim, w.sft_steps))
-        trainer = Trainer.create(model, tx, sft.sft_loss_fn(), self.mesh)
+        # (under LoRA the warm start trains the adapters too: the base stays as built, so
+        # every checkpoint of the run holds adapters only)
+        trainer = Trainer.create(model, tx, sft.sft_loss_fn(), self.mesh,
+                                 dropout_seed=self.cfg.seed)
         it = sft.sft_iterator(pairs, self.tokenizer, batch_size=w.batch_size,
                               grad_accum_steps=accum, seq_buckets=w.seq_buckets,
                               seed=self.cfg.seed)
@@ -357,7 +361,9 @@ class PolicyRun(Algorithm):
         return trainer.model()
 
     def start_engine(self, model) -> None:
-        """The rollout engine, holding ``model``'s weights."""
+        """The rollout engine, holding ``model``'s weights: the trainer's model, under LoRA
+        with its adapters (a JaxEngine merges them; a sidecar gets the adapter alone and
+        applies it to the base it serves, its ``--model``)."""
         c = self.cfg.engine
         if c.backend == "sidecar":
             self.engine = SidecarEngine(sidecar_urls(c.urls), export_dir=c.export_dir or None)

@@ -404,7 +404,7 @@ class SFT(Algorithm):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.reward = resolve_reward(cfg.data.reward)  # once: validation scores with it
         self.mesh = sharding.mesh_from_config(cfg)
-        model, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh)
+        model, self.tokenizer = build.build_model_and_tokenizer(cfg.model, self.mesh, cfg.lora)
         pairs, held_out = load_pairs(cfg.data, self.tokenizer)
         # Before anything compiles: every row and every validation prompt within the context.
         context = model.config.max_position_embeddings
@@ -438,7 +438,7 @@ class SFT(Algorithm):
         tx, self.schedule = make_optimizer(optim.optim_config(cfg.optim, self.steps))
         self.trainer = Trainer.create(model, tx, sft_loss_fn(cfg.train.loss_chunk_size,
                                                              cfg.train.normalize_constant),
-                                      self.mesh)
+                                      self.mesh, dropout_seed=cfg.seed)
         self.run = rundir.RunState(cfg, run_dir)
         self.engine = None  # built at the first validation
         # A chat turn ends at the template's end-of-turn token (<|im_end|>); r1_zero at
@@ -475,9 +475,9 @@ class SFT(Algorithm):
         if not self.held_out and not self.eval_sets:
             return {}
         if self.engine is None:
-            self.engine = JaxEngine(self.trainer.model(), self.tokenizer, self.mesh,
+            self.engine = JaxEngine(self.trainer.sampling_model(), self.tokenizer, self.mesh,
                                     max_batch_size=self.cfg.eval.batch_size)
-        self.engine.update_weights(self.trainer.model())
+        self.engine.update_weights(self.trainer.sampling_model())  # LoRA: adapters merged
         cfg = self.cfg
         metrics, records = evaluation.validate_all(
             self.engine, self.held_out, self.eval_sets, template=cfg.data.template,

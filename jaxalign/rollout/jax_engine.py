@@ -67,6 +67,7 @@ from flax import nnx
 
 from jaxalign import distributed
 from jaxalign import sharding as sharding_lib
+from jaxalign.models import lora
 from jaxalign.models.qwen2 import KVCache, Qwen2ForCausalLM, abstract_model
 from jaxalign.rollout.sampling import mask_tokens, sample_tokens, token_logprobs
 from jaxalign.rollout.types import Completion, Prompt, SamplingParams
@@ -178,6 +179,8 @@ class JaxEngine:
         logits_hook: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
         refill: bool = False,
     ):
+        if lora.has_lora(model):  # the sampler runs the adapted weights merged
+            model = lora.merge_lora(model)
         cfg = model.config
         # Decoding attends one query to the cache: the plain path reads the cache in place
         # (fused kernels want long aligned sequences and a [B, S, K, H] layout).
@@ -236,12 +239,15 @@ class JaxEngine:
         return sharding_lib.shard_params(local, self.mesh, SAMPLING_RULES)
 
     def update_weights(self, weights: Any, version: int | None = None) -> int:
-        """Installs new weights: a model, an ``nnx.State`` of its params, or a HF directory.
+        """Installs new weights: a model (with LoRA adapters: merged here), an ``nnx.State``
+        of a plain model's params, or a HF directory.
 
         Returns:
             The new weights version (``version`` if given, else the old one plus one).
         """
         if isinstance(weights, nnx.Module):
+            if lora.has_lora(weights):
+                weights = lora.merge_lora(weights)
             state = nnx.state(weights, nnx.Param)
         elif isinstance(weights, nnx.State):
             state = weights
