@@ -177,7 +177,7 @@ def scripted_decode(scripts):
     loop does, so the engine's host side (chunked stop-string checks, the cut, finish
     reasons, the text) runs on real token sequences."""
 
-    def decode(state, carry, end, stop_ids, scalars, **flags):
+    def decode(state, carry, end, exit_free, stop_ids, scalars, **flags):
         step, end = int(carry.step), int(end)
         tokens, lengths = np.array(carry.tokens), np.array(carry.lengths)
         done, stop = np.array(carry.done), set(np.asarray(stop_ids).tolist())
