@@ -34,3 +34,17 @@ def shrink(cfg, tmp_path, **mesh):
         cfg.warmstart.sft_steps = 0
         cfg.engine.max_batch_size = 64
     return cfg
+
+
+def synthetic_sft(tmp_path, steps: int):
+    """``configs/sft.py`` shrunk, on 200 synthetic problems in the demo's template, batches
+    of 8 rows of 96 tokens, no validation during training."""
+    from jaxalign.data.synthetic import DEMO_TEMPLATE
+
+    cfg = shrink(load_config("sft"), tmp_path)
+    cfg.data.source, cfg.data.template = "synthetic", DEMO_TEMPLATE
+    cfg.data.num_train, cfg.data.num_eval = 200, 2
+    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_buckets = steps, 8, (96,)
+    cfg.eval.every, cfg.eval.num_examples, cfg.eval.max_tokens = 0, 2, 8
+    cfg.eval.num_workers = 0
+    return cfg

@@ -9,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from cfg_helpers import load_config, shrink
+from cfg_helpers import synthetic_sft
 from flax import nnx
 
 from jaxalign import checkpoint, train
 from jaxalign.algorithms import grpo, sft
 from jaxalign.algorithms.driver import drive
 from jaxalign.config import ConfigError
-from jaxalign.data.synthetic import DEMO_TEMPLATE
 from jaxalign.logging import read_metrics
 from jaxalign.models import build, from_pretrained, load_adapter, lora
 from jaxalign.models.qwen2 import init_model, tiny
@@ -24,12 +23,7 @@ from jaxalign.trainer import Trainer
 
 
 def _sft_config(tmp_path, steps=20, **lora_fields):
-    cfg = shrink(load_config("sft"), tmp_path)
-    cfg.data.source, cfg.data.template = "synthetic", DEMO_TEMPLATE
-    cfg.data.num_train, cfg.data.num_eval = 200, 2
-    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_buckets = steps, 8, (96,)
-    cfg.eval.every, cfg.eval.num_examples, cfg.eval.max_tokens = 0, 2, 8
-    cfg.eval.num_workers = 0
+    cfg = synthetic_sft(tmp_path, steps)
     cfg.optim.lr = 1e-2  # adapters start at zero and want a larger step than full FT
     cfg.lora.rank, cfg.lora.alpha = 4, 8.0
     for k, v in lora_fields.items():

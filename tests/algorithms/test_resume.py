@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cfg_helpers import REPO_ROOT, load_config, shrink
+from cfg_helpers import REPO_ROOT, load_config, shrink, synthetic_sft
 
 from jaxalign import checkpoint, train
 from jaxalign.algorithms import grpo, sft
@@ -18,12 +18,7 @@ from jaxalign.logging import read_metrics
 
 
 def _sft_config(tmp_path, steps=6):
-    cfg = shrink(load_config("sft"), tmp_path)
-    cfg.data.source, cfg.data.template = "synthetic", DEMO_TEMPLATE
-    cfg.data.num_train, cfg.data.num_eval = 200, 2
-    cfg.train.steps, cfg.train.batch_size, cfg.train.seq_buckets = steps, 8, (96,)
-    cfg.eval.every, cfg.eval.num_examples, cfg.eval.max_tokens = 0, 2, 8
-    cfg.eval.num_workers = 0
+    cfg = synthetic_sft(tmp_path, steps)
     cfg.checkpoint.save_every = 2
     return cfg
 

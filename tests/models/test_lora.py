@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from lora_helpers import randomize_adapters
 
 from jaxalign import sharding
 from jaxalign.config import ConfigError, lora_block
@@ -23,16 +24,6 @@ ALL = tuple(lora.TARGET_MODULES)
 
 def tiny_model(**overrides):
     return init_model(qwen2.tiny(vocab_size=256, **overrides), seed=0)
-
-
-def randomize_adapters(model, seed=1, std=0.1):
-    """Nonzero A and B everywhere (a fresh adapter has B = 0 and changes nothing)."""
-    rng = np.random.default_rng(seed)
-    for mod in lora.lora_modules(model).values():
-        for var in (mod.lora_A, mod.lora_B):
-            value = jnp.asarray(std * rng.standard_normal(var.shape), var.dtype)
-            sharding = getattr(var[...], "sharding", None)
-            var.set_value(jax.device_put(value, sharding) if sharding is not None else value)
 
 
 @nnx.jit

@@ -280,22 +280,15 @@ def test_samples_do_not_depend_on_batching_and_shares_with_offsets_add_up(hf_pai
 def test_a_lora_model_is_sampled_with_its_adapters_merged():
     """The loops hand the engine the trainer's model as it is (under LoRA, with adapters);
     the engine samples the merged weights, at construction and at every update."""
+    from lora_helpers import adapted
+
     from jaxalign.models import lora
 
     tok = byte_tokenizer()
-
-    def adapted(seed):
-        model = lora.apply_lora(init_model(tiny(vocab_size=len(tok)), seed=0),
-                                lora.LoraConfig(rank=4, alpha=8))
-        rng = np.random.default_rng(seed)
-        for mod in lora.lora_modules(model).values():
-            for var in (mod.lora_A, mod.lora_B):
-                var.set_value(jnp.asarray(0.3 * rng.standard_normal(var.shape), var.dtype))
-        return model
-
     greedy = SamplingParams(temperature=0, max_tokens=8)
     prompts = ["1 + 2 =", "abc"]
-    first, second = adapted(1), adapted(2)
+    first, second = (adapted(init_model(tiny(vocab_size=len(tok)), seed=0), seed=s)
+                     for s in (1, 2))
     engine = JaxEngine(first, tok)
     merged = JaxEngine(lora.merge_lora(first), tok)
     want = [c.token_ids for row in merged.generate(prompts, greedy) for c in row]

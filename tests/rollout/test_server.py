@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lora_helpers import adapted
 
 from jaxalign.data.tokenizer import byte_tokenizer
 from jaxalign.models import from_pretrained, init_model, load_tokenizer, save_pretrained, tiny
@@ -757,19 +758,6 @@ def test_update_weights_changes_outputs_and_version(sidecars, dirs, reference, t
     assert not (tmp_path / "exports" / f"v{version + 1:08d}").exists()
 
 
-def _adapted(seed: int):
-    """m0 with LoRA adapters whose A and B are random (a fresh adapter changes nothing)."""
-    from jaxalign.models import lora
-
-    model = lora.apply_lora(init_model(tiny(vocab_size=len(byte_tokenizer())), seed=0),
-                            lora.LoraConfig(rank=4, alpha=8))
-    rng = np.random.default_rng(seed)
-    for mod in lora.lora_modules(model).values():
-        for var in (mod.lora_A, mod.lora_B):
-            var.set_value(jnp.asarray(0.3 * rng.standard_normal(var.shape), var.dtype))
-    return model
-
-
 def test_a_lora_policy_syncs_its_adapter_alone(sidecars, dirs, tmp_path):
     """A model with adapters is sent as a PEFT adapter (a few KB here); the JAX sidecar
     applies it to its base weights: outputs equal the merged model's in-process, and a
@@ -781,7 +769,7 @@ def test_a_lora_policy_syncs_its_adapter_alone(sidecars, dirs, tmp_path):
     client.update_weights(str(dirs["m0"]))  # the base, whatever earlier tests loaded
     engine = JaxEngine(from_pretrained(dirs["m0"], dtype=jnp.float32), byte_tokenizer())
     for seed in (1, 2):
-        policy = _adapted(seed)
+        policy = adapted(init_model(tiny(vocab_size=len(byte_tokenizer())), seed=0), seed)
         version = client.update_weights(policy)
         sent = Path(client.last_sync.path)
         assert sorted(p.name for p in sent.iterdir()) == ["adapter_config.json",
