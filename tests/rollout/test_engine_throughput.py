@@ -13,35 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import EOS_IDS, TOK, random_prompts, shapes_of, token_ids
 
-from jaxalign.data.tokenizer import byte_tokenizer
 from jaxalign.models import init_model, tiny
 from jaxalign.rollout import JaxEngine, SamplingParams
 from jaxalign.rollout.budget import BudgetForcing, generate_with_budget
 from jaxalign.rollout.jax_engine import MIN_DECODE_BATCH, _cache_room, _prompt_bucket
 
-TOK = byte_tokenizer()
-# 12 of the ~270 tokens end a row: with a random model, lengths are roughly geometric
-# (mean ~22), so rows finish all along the way and the batch compacts.
-EOS_IDS = tuple(range(40, 52))
-
 
 @pytest.fixture(scope="module")
 def model():
     return init_model(tiny(vocab_size=len(TOK)), seed=5)
-
-
-def _prompts(seed, lengths):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(60, 250, n).tolist() for n in lengths]
-
-
-def _tokens(out):
-    return [[c.token_ids for c in cs] for cs in out]
-
-
-def _kinds(engine, kind):
-    return sorted(s for s in engine.shapes_seen if s[0] == kind)
 
 
 def test_buckets():
@@ -55,26 +37,26 @@ def test_buckets():
 def test_prefix_sharing_prefills_each_prompt_once(model):
     """3 distinct prompts (one given twice) x 8 samples: one prefill of 4 prompt rows
     (3 padded to a power of two) for 32 rows, and every row draws what it draws alone."""
-    a, b, c = _prompts(0, [5, 12, 9])
+    a, b, c = random_prompts(0, [5, 12, 9])
     params = SamplingParams(n=8, temperature=1.0, max_tokens=6, seed=3)
     shared = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=64)
     out = shared.generate([a, b, c, a], params)
-    assert _kinds(shared, "prefill") == [("prefill", 4, 32, 16, 6)]
+    assert shapes_of(shared, "prefill") == [("prefill", 4, 32, 16, 6)]
     alone = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=1, refill=False)
     ref = alone.generate([a, b, c, a], params)
-    assert _tokens(out) == _tokens(ref)
+    assert token_ids(out) == token_ids(ref)
     for cs, rs in zip(out, ref, strict=True):
         for x, y in zip(cs, rs, strict=True):
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
     # The duplicate prompt has rows of its own (its own streams), not prompt 0's.
-    assert _tokens(out)[3] != _tokens(out)[0]
+    assert token_ids(out)[3] != token_ids(out)[0]
 
 
 @pytest.fixture(scope="module")
 def compacted(model):
     """8 prompts x 4 samples with natural EOS, in one 32-slot batch (which compacts) and
     in 4-row micro-batches (which cannot)."""
-    prompts = _prompts(1, [3, 17, 6, 9, 30, 1, 12, 8])
+    prompts = random_prompts(1, [3, 17, 6, 9, 30, 1, 12, 8])
     params = SamplingParams(n=4, temperature=1.0, max_tokens=48, seed=11)
     big = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=32)
     small = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0,
@@ -84,10 +66,10 @@ def compacted(model):
 
 def test_compaction_keeps_each_rows_stream(compacted):
     prompts, big, out, ref = compacted
-    assert _tokens(out) == _tokens(ref)
+    assert token_ids(out) == token_ids(ref)
     lengths = [len(c.token_ids) for cs in out for c in cs]
     assert min(lengths) < 10 and max(lengths) == 48  # long-tailed: the batch did compact
-    compactions = _kinds(big, "compact")
+    compactions = shapes_of(big, "compact")
     assert compactions and all(s[1] > s[2] >= MIN_DECODE_BATCH for s in compactions)
     # Finished rows stopped costing work: fewer slot-steps than 32 rows x the longest.
     assert big.slot_steps < 32 * 48 * 0.75
@@ -108,14 +90,14 @@ def test_logprobs_equal_teacher_forcing_after_sharing_and_compaction(model, comp
 
 
 def test_min_tokens_with_compaction(model):
-    prompts = _prompts(2, [4, 9, 2, 7])
+    prompts = random_prompts(2, [4, 9, 2, 7])
     params = SamplingParams(n=6, temperature=1.0, max_tokens=40, min_tokens=12, seed=5)
     big = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=32)
     out = big.generate(prompts, params)
     small = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=6,
                       refill=False)
-    assert _tokens(out) == _tokens(small.generate(prompts, params))
-    assert _kinds(big, "compact")
+    assert token_ids(out) == token_ids(small.generate(prompts, params))
+    assert shapes_of(big, "compact")
     for c in (c for cs in out for c in cs):
         assert len(c.token_ids) >= 12 and not set(c.token_ids[:12]) & set(EOS_IDS)
 
@@ -147,7 +129,7 @@ def test_stop_strings_with_compaction(model):
         assert not any(s in TOK.decode(c.token_ids[:-1]) for s in stops)
         assert len(c.logprobs) == len(c.token_ids)
     assert 6 <= n_stopped < 24
-    assert _kinds(engine, "compact")
+    assert shapes_of(engine, "compact")
 
 
 def test_budget_forcing_does_not_depend_on_batching(model):
@@ -175,7 +157,7 @@ def test_logits_hook_sees_call_rows_and_compiles_stay_bounded(model):
         is_eos = jnp.arange(logits.shape[-1]) == 40
         return jnp.where(is_eos[None, :] == last[:, None], logits, -1e30)
 
-    prompts = _prompts(3, [5, 7, 3, 11, 2, 9, 4, 6, 8, 10, 1, 12])
+    prompts = random_prompts(3, [5, 7, 3, 11, 2, 9, 4, 6, 8, 10, 1, 12])
     params = SamplingParams(n=n, max_tokens=max_tokens, seed=1)
     for max_batch_size in (48, 16):
         engine = JaxEngine(model, eos_token_ids=(40,), pad_token_id=0, refill=False,
@@ -187,6 +169,6 @@ def test_logits_hook_sees_call_rows_and_compiles_stay_bounded(model):
         assert engine.num_compiles == compiles
     # 16-row micro-batches of 4 prompts: one prefill, decode at 16 and 8 slots as the cache
     # grows (32 then 40 generated tokens), one compaction per cache size at most.
-    decodes = _kinds(engine, "decode")
+    decodes = shapes_of(engine, "decode")
     assert {s[1] for s in decodes} <= {16, 8} and {s[2] for s in decodes} == {16}
-    assert len(_kinds(engine, "prefill")) == 1
+    assert len(shapes_of(engine, "prefill")) == 1

@@ -12,17 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_helpers import EOS_IDS, TOK, random_prompts, shapes_of, token_ids
 from flax import nnx
 
-from jaxalign.data.tokenizer import byte_tokenizer
 from jaxalign.models import init_model, tiny
 from jaxalign.rollout import JaxEngine, SamplingParams
 from jaxalign.rollout.budget import BudgetForcing, generate_with_budget
-
-TOK = byte_tokenizer()
-# 12 of the ~270 tokens end a row: with a random model lengths are roughly geometric (mean
-# ~22), so rows finish all along the way and free slots for waiting rows.
-EOS_IDS = tuple(range(40, 52))
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +25,8 @@ def model():
     return init_model(tiny(vocab_size=len(TOK)), seed=5)
 
 
-def _prompts(seed, lengths):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(60, 250, n).tolist() for n in lengths]
-
-
-def _tokens(out):
-    return [[c.token_ids for c in cs] for cs in out]
-
-
-def _kinds(engine, kind):
-    return sorted(s for s in engine.shapes_seen if s[0] == kind)
-
-
 def _assert_same(out, ref):
-    assert _tokens(out) == _tokens(ref)
+    assert token_ids(out) == token_ids(ref)
     for cs, rs in zip(out, ref, strict=True):
         for x, y in zip(cs, rs, strict=True):
             assert (x.finish_reason, x.stop_reason, x.text) == (y.finish_reason, y.stop_reason,
@@ -65,7 +47,7 @@ def refilled(model):
     """10 prompts x 4 samples, natural EOS, max_tokens 48: in 8 slots (whole prompts per
     refill), in 6 slots (rows one by one: a prompt's rows may be split over two refills)
     and, as the reference, each prompt alone without refill."""
-    prompts = _prompts(1, [3, 17, 6, 9, 30, 1, 12, 8, 21, 5])
+    prompts = random_prompts(1, [3, 17, 6, 9, 30, 1, 12, 8, 21, 5])
     params = SamplingParams(n=4, temperature=1.0, max_tokens=48, seed=11)
     engines = {b: JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=b,
                             refill=True) for b in (8, 6)}
@@ -83,11 +65,11 @@ def test_refill_draws_what_each_prompt_draws_alone(refilled):
         _assert_same(outs[b], ref)
         # Rows did go into freed slots (several inserts), the cache was shifted past
         # finished rows, and the slots did less work than 40 rows / b slots x 48 steps.
-        assert len(_kinds(engine, "insert")) >= 2 and _kinds(engine, "rebase")
-        assert {s[1] for s in _kinds(engine, "decode")} <= {b, 8}
+        assert len(shapes_of(engine, "insert")) >= 2 and shapes_of(engine, "rebase")
+        assert {s[1] for s in shapes_of(engine, "decode")} <= {b, 8}
         assert engine.slot_steps < len(lengths) * 48
         # Each prompt's rows are prefilled together: no more prompt rows than rows.
-        assert all(s[4] <= s[5] for s in _kinds(engine, "insert"))
+        assert all(s[4] <= s[5] for s in shapes_of(engine, "insert"))
 
 
 def test_refill_logprobs_equal_teacher_forcing(model, refilled):
@@ -104,17 +86,17 @@ def test_refill_with_seeds_and_offsets(model, refilled):
     """``seeds=`` and ``prompt_offset`` pick the same streams as without refill."""
     prompts, params, engines, outs, _ = refilled
     shifted = engines[8].generate(prompts[2:], params, prompt_offset=2)
-    assert _tokens(shifted) == _tokens(outs[8])[2:]
+    assert token_ids(shifted) == token_ids(outs[8])[2:]
     seeds = [7, 3, 7, 100, 5, 9, 1, 2, 8, 4]
     got = engines[8].generate(prompts, params, seeds=seeds)
     alone = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=4,
                       refill=False)
     want = alone.generate(prompts, params, seeds=seeds)
-    assert _tokens(got) == _tokens(want)
+    assert token_ids(got) == token_ids(want)
 
 
 def test_min_tokens_with_refill(model):
-    prompts = _prompts(2, [4, 9, 2, 7, 5])
+    prompts = random_prompts(2, [4, 9, 2, 7, 5])
     params = SamplingParams(n=6, temperature=1.0, max_tokens=40, min_tokens=12, seed=5)
     engine = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=12,
                        refill=True)
@@ -122,7 +104,7 @@ def test_min_tokens_with_refill(model):
     alone = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=6,
                       refill=False)
     _assert_same(out, alone.generate(prompts, params))
-    assert len(_kinds(engine, "insert")) >= 2
+    assert len(shapes_of(engine, "insert")) >= 2
     for c in (c for cs in out for c in cs):
         assert len(c.token_ids) >= 12 and not set(c.token_ids[:12]) & set(EOS_IDS)
 
@@ -146,7 +128,7 @@ def test_stop_strings_with_refill(model):
     n_stopped = sum(c.finish_reason == "stop" for cs in out for c in cs)
     assert 5 <= n_stopped < 20
     # Every stopped row freed its slot: no filler rows were ever needed.
-    assert len(_kinds(engine, "insert")) >= 2
+    assert len(shapes_of(engine, "insert")) >= 2
 
 
 def test_budget_forcing_with_refill(model):
@@ -158,7 +140,7 @@ def test_budget_forcing_with_refill(model):
         engine = JaxEngine(model, TOK, max_batch_size=max_batch_size, decode_chunk=4,
                            refill=refill)
         out = generate_with_budget(engine, TOK, prompts, params, budget)
-        assert refill == bool(_kinds(engine, "insert"))
+        assert refill == bool(shapes_of(engine, "insert"))
         return [[(c.token_ids, c.text, c.finish_reason) for c in cs] for cs in out]
 
     assert run(4, True) == run(3, False)
@@ -177,18 +159,18 @@ def test_refill_compiles_nothing_per_step_or_per_call(model):
         is_eos = jnp.arange(logits.shape[-1]) == 40
         return jnp.where(is_eos[None, :] == last[:, None], logits, -1e30)
 
-    prompts = _prompts(3, [5, 7, 3, 11, 2, 9, 4, 6, 8, 10, 1, 12])
+    prompts = random_prompts(3, [5, 7, 3, 11, 2, 9, 4, 6, 8, 10, 1, 12])
     params = SamplingParams(n=n, max_tokens=max_tokens, seed=1)
     engine = JaxEngine(model, eos_token_ids=(40,), pad_token_id=0, max_batch_size=16,
                        logits_hook=force_lengths, refill=True)
     out = engine.generate(prompts, params)
     assert [len(c.token_ids) for cs in out for c in cs] == want.tolist()
     compiled, shapes = _compiled(engine), engine.num_compiles
-    assert len(_kinds(engine, "insert")) >= 2
+    assert len(shapes_of(engine, "insert")) >= 2
     # Shapes are per cache size and refill size, not per step or per refill.
     assert shapes <= 16
     again = engine.generate(prompts, params)
-    assert _tokens(again) == _tokens(out)
+    assert token_ids(again) == token_ids(out)
     assert _compiled(engine) == compiled and engine.num_compiles == shapes
 
 
@@ -197,7 +179,7 @@ def test_new_weights_do_not_recompile(model):
     them) and from a fresh model (not committed) run the same executables: jit keys its
     cache on committedness, which made GRPO's second rollout recompile."""
     engine = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=8)
-    prompts = _prompts(4, [5, 9])
+    prompts = random_prompts(4, [5, 9])
     params = SamplingParams(n=2, max_tokens=8, seed=0)
     engine.generate(prompts, params)
     compiled = _compiled(engine)
