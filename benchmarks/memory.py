@@ -20,7 +20,8 @@ Three subcommands, each printing a table:
 ``lora``
     The same compiled-step measurement for full fine-tuning and LoRA (``config.lora``:
     the adapters trained, their AdamW state only; the frozen base an undonated argument,
-    optionally stored in bf16), side by side, from shapes only.
+    optionally stored in bf16), side by side, from shapes only: the SFT or the GRPO step
+    (``--loss``), at the Qwen2.5-Math-1.5B or the Qwen2.5-7B shape (``--model``).
 ``estimate``
     Analytic state + activation memory for Qwen2.5-Math-1.5B on 1x H100 80GB, TPU v5p-8
     and TPU v4-32 (formulas in ``estimate_table``'s docstring).
@@ -30,6 +31,7 @@ Three subcommands, each printing a table:
     python benchmarks/memory.py step --layers 2 --batch 1 --remat none full   # CPU, ~1 min
     python benchmarks/memory.py step --attention cudnn    # on one H100: bisects, 3 remat policies
     python benchmarks/memory.py lora --layers 2 --batch 1 --seq 512   # CPU: full FT vs LoRA
+    python benchmarks/memory.py lora --model 1p5b 7b --loss sft grpo  # ~13 min on CPU
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
 from jaxalign import losses, sharding
+from jaxalign.algorithms import grpo
 from jaxalign.models import lora as lora_lib
 from jaxalign.models.qwen2 import (
     REMAT_POLICIES,
@@ -59,6 +63,7 @@ from jaxalign.models.qwen2 import (
     abstract_model,
     count_params,
     init_model,
+    qwen2p5_7b,
     qwen2p5_math_1p5b,
 )
 from jaxalign.optim import OptimConfig, make_optimizer
@@ -88,6 +93,21 @@ def adamw() -> optax.GradientTransformation:
     """The library's optimizer (clipping + AdamW with a decay mask), default settings."""
     tx, _ = make_optimizer(OptimConfig(lr=1e-5, total_steps=1000, weight_decay=0.1))
     return tx
+
+
+def grpo_loss(chunk_size: int):
+    """``loss_fn(model, batch)``: the library's GRPO loss (``grpo.grpo_loss_fn``: clipped
+    ratio against old log-probs, per-row advantages, token entropy and sampler drift
+    metrics) with chunked log-probs, as the real recipe's train step runs it."""
+    g = ml_collections.ConfigDict(dict(
+        loss_type="grpo_clip", cliprange=0.2, cliprange_low=0.0, cliprange_high=0.0,
+        length_normalization="masked_mean", beta=0.0, tis_cap=2.0))
+    return grpo.grpo_loss_fn(g, use_old=True, use_tis=False, normalize_constant=1.0,
+                             chunk_size=chunk_size)
+
+
+LOSSES = {"sft": lambda c: sft_loss(c), "grpo": lambda c: grpo_loss(c)}
+MODELS = {"1p5b": ("Qwen2.5-Math-1.5B", qwen2p5_math_1p5b), "7b": ("Qwen2.5-7B", qwen2p5_7b)}
 
 
 def sft_loss(chunk_size: int):
@@ -190,7 +210,7 @@ def print_fsdp(cfg: Qwen2Config, rows: list[dict]) -> None:
 # --- step: compiled memory of the whole train step, from shapes ------------------------
 
 
-def abstract_trainer(cfg: Qwen2Config, chunk_size: int) -> Trainer:
+def abstract_trainer(cfg: Qwen2Config, chunk_size: int, loss: str = "sft") -> Trainer:
     """A single-device ``Trainer`` whose params and optimizer state are ShapeDtypeStructs.
 
     Built without allocating anything, so a 1.5B model's step can be compiled anywhere.
@@ -200,13 +220,13 @@ def abstract_trainer(cfg: Qwen2Config, chunk_size: int) -> Trainer:
     graphdef, params = nnx.split(abstract_model(cfg), nnx.Param)
     tx = adamw()
     opt_state = jax.eval_shape(tx.init, params)
-    trainer = Trainer(graphdef, params, opt_state, tx, sft_loss(chunk_size), mesh=None)
+    trainer = Trainer(graphdef, params, opt_state, tx, LOSSES[loss](chunk_size), mesh=None)
     trainer._compile()
     return trainer
 
 
 def abstract_lora_trainer(cfg: Qwen2Config, chunk_size: int,
-                          lora_cfg: lora_lib.LoraConfig) -> Trainer:
+                          lora_cfg: lora_lib.LoraConfig, loss: str = "sft") -> Trainer:
     """``abstract_trainer`` with adapters (``lora.apply_lora`` under ``nnx.eval_shape``):
     the library's LoRA step, ``(adapters, opt_state, batch, frozen, step)``, with
     AdamW state for the adapters only."""
@@ -216,60 +236,71 @@ def abstract_lora_trainer(cfg: Qwen2Config, chunk_size: int,
                                               lora_lib.frozen_filter, ...)
     tx = adamw()
     opt_state = jax.eval_shape(tx.init, params)
-    trainer = Trainer(graphdef, params, opt_state, tx, sft_loss(chunk_size), mesh=None,
+    trainer = Trainer(graphdef, params, opt_state, tx, LOSSES[loss](chunk_size), mesh=None,
                       frozen=(base, other))
     trainer._compile()
     return trainer
 
 
 def lora_step_memory(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int,
-                     lora_cfg: lora_lib.LoraConfig | None) -> StepMemory:
+                     lora_cfg: lora_lib.LoraConfig | None, loss: str = "sft") -> StepMemory:
     """``step_memory`` for full fine-tuning (``lora_cfg`` None) or a LoRA step."""
     if lora_cfg is None:
-        return step_memory(cfg, batch, seq, chunk_size)
-    trainer = abstract_lora_trainer(cfg, chunk_size, lora_cfg)
+        return step_memory(cfg, batch, seq, chunk_size, loss)
+    trainer = abstract_lora_trainer(cfg, chunk_size, lora_cfg, loss)
     step = jax.ShapeDtypeStruct((), jnp.int32)
     t0 = time.perf_counter()
     compiled = trainer._train_step.lower(
-        trainer.params, trainer.opt_state, batch_shapes(batch, seq), trainer.frozen, step
+        trainer.params, trainer.opt_state, batch_shapes(batch, seq, loss), trainer.frozen, step
     ).compile()
-    seconds = time.perf_counter() - t0
-    m = compiled.memory_analysis()
-    return StepMemory(remat=cfg.remat, batch=batch, temp=int(m.temp_size_in_bytes),
-                      argument=int(m.argument_size_in_bytes),
-                      output=int(m.output_size_in_bytes), alias=int(m.alias_size_in_bytes),
-                      compile_s=seconds)
+    return _memory(cfg, batch, compiled, time.perf_counter() - t0, trainer.params)
+
+
+def lora_variants(rank: int, base_dtypes=(None, "bfloat16")):
+    """``[(name, LoraConfig | None)]``: full fine-tuning, then LoRA of ``rank`` on all seven
+    projections (alpha = 2 rank) with the base in the param dtype and in each of
+    ``base_dtypes``."""
+    return [("full fine-tuning", None)] + [
+        (f"LoRA r={rank}" + (f", base {bd}" if bd else ""),
+         lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank, base_dtype=bd)) for bd in base_dtypes]
 
 
 def print_lora_rows(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int, rank: int,
+                    loss: str = "sft", name: str = "Qwen2.5-Math-1.5B",
                     base_dtypes=(None, "bfloat16")) -> list[tuple[str, StepMemory]]:
-    """Full fine-tuning vs LoRA (rank ``rank``, all seven projections; the base in the
-    param dtype and in bf16): compiled step memory in GiB."""
-    variants = [("full fine-tuning", None)] + [
-        (f"LoRA r={rank}" + (f", base {bd}" if bd else ""),
-         lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank, base_dtype=bd)) for bd in base_dtypes]
-    print(f"Qwen2.5-Math-1.5B shape, {cfg.num_hidden_layers} layers, batch {batch} x {seq}, "
+    """Full fine-tuning vs LoRA: the compiled ``loss`` step's memory in GiB, one row each."""
+    print(f"{name} shape, {cfg.num_params() / 1e9:.2f}B params, {cfg.num_hidden_layers} "
+          f"layers, {loss.upper()} step, batch {batch} x {seq}, "
           f"{jnp.dtype(cfg.dtype).name} compute, {jnp.dtype(cfg.param_dtype).name} params, "
           f"remat {cfg.remat} (GiB; peak = argument + output + temp - alias)")
-    print(f"{'variant':>26} {'argument':>8} {'output':>8} {'temp':>8} {'alias':>8} "
-          f"{'peak':>8} {'compile s':>9}")
+    print(f"{'variant':>26} {'trained':>9} {'argument':>8} {'output':>8} {'temp':>8} "
+          f"{'alias':>8} {'peak':>8} {'compile s':>9}")
     rows = []
-    for name, lcfg in variants:
-        m = lora_step_memory(cfg, batch, seq, chunk_size, lcfg)
-        print(f"{name:>26} {m.argument / GIB:8.3f} {m.output / GIB:8.3f} {m.temp / GIB:8.3f} "
-              f"{m.alias / GIB:8.3f} {m.peak / GIB:8.3f} {m.compile_s:9.1f}")
-        rows.append((name, m))
+    for label, lcfg in lora_variants(rank, base_dtypes):
+        m = lora_step_memory(cfg, batch, seq, chunk_size, lcfg, loss)
+        print(f"{label:>26} {_count(m.trained):>9} {m.argument / GIB:8.3f} {m.output / GIB:8.3f} "
+              f"{m.temp / GIB:8.3f} {m.alias / GIB:8.3f} {m.peak / GIB:8.3f} "
+              f"{m.compile_s:9.1f}", flush=True)
+        rows.append((label, m))
     return rows
 
 
-def batch_shapes(batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def batch_shapes(batch: int, seq: int, loss: str = "sft") -> dict[str, jax.ShapeDtypeStruct]:
+    """The arrays the ``loss`` step takes (SFT: ``sft.py``'s batch; GRPO:
+    ``grpo.build_rollout_batch``'s plus the old log-probs)."""
     tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    return {
-        "input_ids": tok,
-        "attention_mask": tok,
-        "labels": tok,
-        "response_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32),
-    }
+    per_token = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
+    if loss == "grpo":
+        per_row = jax.ShapeDtypeStruct((batch, 1), jnp.float32)
+        return {"input_ids": tok, "labels": tok,
+                "response_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_),
+                "sampler_log_probs": per_token, "old_log_probs": per_token,
+                "advantages": per_row, "raw_rewards": per_row}
+    return {"input_ids": tok, "attention_mask": tok, "labels": tok, "response_mask": per_token}
 
 
 @dataclasses.dataclass
@@ -281,6 +312,7 @@ class StepMemory:
     output: int
     alias: int
     compile_s: float
+    trained: int = 0  # parameters that get gradients and AdamW state
 
     @property
     def peak(self) -> int:
@@ -288,14 +320,18 @@ class StepMemory:
         return self.argument + self.output + self.temp - self.alias
 
 
-def step_memory(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int) -> StepMemory:
-    """Compiles the SFT train step for ``cfg`` at ``[batch, seq]`` and reads its memory."""
-    trainer = abstract_trainer(cfg, chunk_size)
+def step_memory(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int,
+                loss: str = "sft") -> StepMemory:
+    """Compiles the ``loss`` train step for ``cfg`` at ``[batch, seq]`` and reads its memory."""
+    trainer = abstract_trainer(cfg, chunk_size, loss)
     t0 = time.perf_counter()
     compiled = trainer._train_step.lower(
-        trainer.params, trainer.opt_state, batch_shapes(batch, seq)
+        trainer.params, trainer.opt_state, batch_shapes(batch, seq, loss)
     ).compile()
-    seconds = time.perf_counter() - t0
+    return _memory(cfg, batch, compiled, time.perf_counter() - t0, trainer.params)
+
+
+def _memory(cfg: Qwen2Config, batch: int, compiled, seconds: float, params) -> StepMemory:
     m = compiled.memory_analysis()
     return StepMemory(
         remat=cfg.remat,
@@ -305,6 +341,7 @@ def step_memory(cfg: Qwen2Config, batch: int, seq: int, chunk_size: int) -> Step
         output=int(m.output_size_in_bytes),
         alias=int(m.alias_size_in_bytes),
         compile_s=seconds,
+        trained=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
     )
 
 
@@ -536,6 +573,8 @@ def main(argv=None):
     st.add_argument("--param-dtype", default="float32")
     st.add_argument("--attention", default="xla", help="attention_impl (cudnn on GPU)")
     lo = sub.add_parser("lora", help="compiled step memory: full fine-tuning vs LoRA")
+    lo.add_argument("--model", nargs="+", default=["1p5b"], choices=sorted(MODELS))
+    lo.add_argument("--loss", nargs="+", default=["sft"], choices=sorted(LOSSES))
     lo.add_argument("--seq", type=int, default=2048)
     lo.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     lo.add_argument("--batch", type=int, default=1)
@@ -556,12 +595,16 @@ def main(argv=None):
     elif args.cmd == "estimate":
         print_estimate(qwen2p5_math_1p5b(), args.seq, args.chunk_size)
     elif args.cmd == "lora":
-        cfg = qwen2p5_math_1p5b(dtype=jnp.dtype(args.dtype),
-                                param_dtype=jnp.dtype(args.param_dtype),
-                                attention_impl=args.attention, remat=args.remat)
-        if args.layers is not None:
-            cfg = cfg.replace(num_hidden_layers=args.layers)
-        print_lora_rows(cfg, args.batch, args.seq, args.chunk_size, args.rank)
+        for key in args.model:
+            name, preset = MODELS[key]
+            cfg = preset(dtype=jnp.dtype(args.dtype), param_dtype=jnp.dtype(args.param_dtype),
+                         attention_impl=args.attention, remat=args.remat)
+            if args.layers is not None:
+                cfg = cfg.replace(num_hidden_layers=args.layers)
+            for loss in args.loss:
+                print_lora_rows(cfg, args.batch, args.seq, args.chunk_size, args.rank, loss,
+                                name)
+                print()
     else:
         if args.max_batch & (args.max_batch - 1):
             ap.error(f"--max-batch={args.max_batch} must be a power of two")

@@ -80,3 +80,43 @@ def test_estimate_state_bytes(cfg):
             for r in ("none", "save_dots", "full")
         )
         assert full < dots <= none
+
+
+# --- lora: full fine-tuning vs LoRA, compiled from shapes -------------------------------
+
+
+def _adapter_params(cfg, rank: int) -> int:
+    """Rank x (fan-in + fan-out) per projection: q, k, v, o, gate, up, down, every layer."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    fans = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]
+    return cfg.num_hidden_layers * sum(rank * (i + o) for i, o in fans)
+
+
+@pytest.mark.parametrize("loss", ["sft", "grpo"])
+def test_lora_step_holds_adapter_state_only_and_a_bf16_base_halves_the_base(loss):
+    cfg = CFG.replace(dtype=jnp.float32)
+    p = cfg.num_params()
+    (_, full), (_, lora), (_, half) = [
+        (name, memory.lora_step_memory(cfg, 2, 32, 16, lcfg, loss))
+        for name, lcfg in memory.lora_variants(4)]
+    trained = _adapter_params(cfg, 4)
+    assert full.trained == p and lora.trained == half.trained == trained
+    # Full FT donates params + both AdamW moments; LoRA donates the adapters' only (the
+    # frozen base is an argument that is not donated).
+    assert full.alias >= 3 * 4 * p
+    assert 3 * 4 * trained <= lora.alias < 3 * 4 * trained + 1024
+    assert lora.argument >= 4 * p + 3 * 4 * trained
+    assert lora.argument < full.argument and lora.peak < full.peak
+    # base_dtype=bfloat16 stores every frozen parameter in 2 bytes instead of 4
+    assert lora.argument - half.argument == 2 * p
+
+
+def test_lora_subcommand_prints_one_row_per_variant(monkeypatch, capsys):
+    monkeypatch.setitem(memory.MODELS, "1p5b", ("tiny", lambda **kw: CFG.replace(**kw)))
+    memory.main(["lora", "--loss", "grpo", "--seq", "32", "--chunk-size", "16", "--rank", "4",
+                 "--dtype", "float32", "--remat", "none"])
+    out = capsys.readouterr().out
+    assert "tiny shape" in out and "GRPO step, batch 1 x 32" in out
+    rows = [line for line in out.splitlines() if "fine-tuning" in line or "LoRA r=4" in line]
+    assert len(rows) == 3 and "base bfloat16" in rows[2]

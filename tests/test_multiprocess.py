@@ -9,6 +9,8 @@ one process with 4 devices, run the same way:
 * SFT, 3 steps: the same losses and gradient norms; only process 0 wrote the logs, plots,
   summary and HF export; the 2-process checkpoint resumes in a 1-process run on another
   mesh (2 devices) and steps 4-5 equal the 1-process run's.
+* LoRA SFT (rank 4), 3 steps: the same losses, gradient norms and exported adapter
+  (``adapter/``, written by process 0 alone).
 * GRPO, 2 steps (per-process rollouts with the JAX engine, gathered; old log-probs from
   one forward; 2 epochs so the clipped ratio moves): the same rewards, lengths, losses and
   gradient norms, the same final weights; its checkpoint restores here, in the test's own
@@ -169,15 +171,17 @@ def _train_records(workdir: Path, key: str = "train/loss") -> dict[int, dict]:
     return {r["step"]: r for r in records}
 
 
-def _check_only_process_0_wrote(workdir: Path, writes: list[Path]) -> None:
-    """Process 0 wrote the run's files; the others wrote nothing outside checkpoints/."""
+def _check_only_process_0_wrote(workdir: Path, writes: list[Path],
+                                also: tuple[str, ...] = ()) -> None:
+    """Process 0 wrote the run's files (and ``also``, e.g. a LoRA run's ``adapter``); the
+    others wrote nothing outside checkpoints/."""
     mine = [json.loads(w.read_text()) for w in writes]
     root = str(workdir.resolve())
     for i, paths in enumerate(mine):
         in_run = [Path(p).relative_to(root) for p in paths if p.startswith(root + os.sep)]
         tops = {p.parts[0] for p in in_run}
         if i == 0:
-            for name in ("config.json", "metrics.jsonl", "summary.json", "hf"):
+            for name in ("config.json", "metrics.jsonl", "summary.json", "hf", *also):
                 assert name in tops, f"process 0 did not write {name}: {sorted(tops)}"
         else:
             assert tops <= {"checkpoints"}, f"process {i} wrote {sorted(map(str, in_run))}"
@@ -219,6 +223,36 @@ def test_two_process_sft_equals_one_process_and_resumes_on_one(tmp_path):
     for step in (4, 5):
         assert resumed[step]["train/loss"] == pytest.approx(want[step]["train/loss"],
                                                             rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_two_process_lora_sft_equals_one_process(tmp_path):
+    """LoRA (rank 4 on every projection): the adapters are sharded over the global mesh,
+    the base frozen on it; 3 steps give the same losses, gradient norms and exported
+    adapter as one process with 4 devices, and only process 0 writes adapter/."""
+    lora_sft = {**SFT, "train.steps": 3, "lora.rank": 4, "lora.alpha": 8.0,
+                "optim.lr": 1e-2}  # adapters start at B = 0: a larger step than full FT's
+    two, one = tmp_path / "two", tmp_path / "one"
+    writes = _launch("sft", lora_sft, two, processes=2, devices=2)
+    _launch("sft", lora_sft, one, processes=1, devices=4)
+    got, want = _train_records(two), _train_records(one)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/grad_norm"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-5), (
+                step, key)
+    # it trained: not a constant (5.68 -> 5.21 when written)
+    assert got[1]["train/loss"] - got[3]["train/loss"] > 0.2
+    _check_only_process_0_wrote(two, writes, also=("adapter",))
+    from safetensors.numpy import load_file
+
+    adapter_two = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    adapter_one = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    assert adapter_two.keys() == adapter_one.keys() and adapter_two
+    assert any(np.abs(v).max() > 0 for k, v in adapter_two.items() if "lora_B" in k)
+    for k in adapter_two:
+        np.testing.assert_allclose(adapter_two[k], adapter_one[k], rtol=1e-5, atol=1e-6,
+                                   err_msg=k)
 
 
 @pytest.mark.slow

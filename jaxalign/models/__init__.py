@@ -22,6 +22,7 @@ from jaxalign.models.qwen2 import (
     abstract_model,
     init_model,
     qwen2p5_0p5b,
+    qwen2p5_7b,
     qwen2p5_math_1p5b,
     tiny,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "lora_filter",
     "merge_lora",
     "qwen2p5_0p5b",
+    "qwen2p5_7b",
     "qwen2p5_math_1p5b",
     "save_adapter",
     "save_pretrained",

@@ -264,6 +264,23 @@ def qwen2p5_0p5b(**runtime: Any) -> Qwen2Config:
     )
 
 
+def qwen2p5_7b(**runtime: Any) -> Qwen2Config:
+    """Qwen2.5-7B's shape (7.62B parameters, untied head): for memory planning from shapes."""
+    return Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        max_window_layers=28,
+        **runtime,
+    )
+
+
 def small(**overrides: Any) -> Qwen2Config:
     """A few-million-parameter config: the CPU demo's policy (with the byte tokenizer)."""
     base = dict(
