@@ -39,9 +39,11 @@ def jax_times(model, prompts, new):
     b = len(prompts)
 
     def prefill(state, ids):  # the engine's own prefill (its carry holds logits and cache)
-        carry = engine._prefill(state, ids, jnp.ones_like(ids, jnp.bool_), jax.random.key(0),
-                                jnp.arange(b, dtype=jnp.uint32), jnp.zeros(b, jnp.bool_),
-                                max_tokens=new, pad_id=0)
+        rows = jnp.arange(b, dtype=jnp.int32)
+        carry = engine._prefill(state, ids, jnp.ones_like(ids, jnp.bool_), rows,
+                                jnp.zeros(b, jnp.uint32), rows.astype(jnp.uint32),
+                                jnp.zeros(b, jnp.bool_), jnp.int32(0),
+                                max_tokens=new, room=new, pad_id=0)
         return carry.logits, carry.cache
 
     @functools.partial(jax.jit, donate_argnums=(2,))

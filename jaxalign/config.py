@@ -177,6 +177,9 @@ def rollout_blocks(c: ml_collections.ConfigDict) -> None:
         # only); for sidecars on other hosts, a directory they all read (shared filesystem)
         max_batch_size=128,
         decode_chunk=16,
+        # auto | on | off: micro-batches of similar prompt lengths, so that a few long
+        # prompts do not pad every row's cache (auto: on when the engine runs on CPU)
+        group_by_length="auto",
     )
     c.train = dict(
         loss_chunk_size=0,  # >0: chunked vocabulary projection (152k vocabularies)

@@ -137,6 +137,9 @@ def _is_this_host(url: str) -> bool:
         pass
     return host in names or host.startswith("127.")
 
+# config.engine.group_by_length -> JaxEngine(group_by_length=...)
+GROUP_BY_LENGTH = {"auto": None, "on": True, "off": False}
+
 
 def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
     """Checks of the blocks GRPO and EI share: data, sampling, engine, warm start."""
@@ -147,6 +150,9 @@ def validate_rollout_config(cfg: ml_collections.ConfigDict) -> None:
     check(s.temperature >= 0, f"config.sampling.temperature={s.temperature} must be >= 0")
     check(cfg.engine.backend in ("jax", "sidecar"),
           f"config.engine.backend={cfg.engine.backend!r}; choose 'jax' or 'sidecar'")
+    check(cfg.engine.group_by_length in GROUP_BY_LENGTH,
+          f"config.engine.group_by_length={cfg.engine.group_by_length!r}; choose one of "
+          f"{', '.join(GROUP_BY_LENGTH)}")
     if cfg.engine.backend == "sidecar":
         check(bool(cfg.engine.urls), "config.engine.backend='sidecar' needs config.engine.urls "
               "(comma-separated http://host:port of running sidecars; see launch/sidecar.sh)")
@@ -374,7 +380,8 @@ class PolicyRun(Algorithm):
                 self.pad_id = self.tokenizer.eos_token_id
             return
         self.engine = JaxEngine(model, self.tokenizer, self.mesh,
-                                max_batch_size=c.max_batch_size, decode_chunk=c.decode_chunk)
+                                max_batch_size=c.max_batch_size, decode_chunk=c.decode_chunk,
+                                group_by_length=GROUP_BY_LENGTH[c.group_by_length])
         self.pad_id = self.engine.pad_token_id
 
     def sampling_params(self, step: int, n: int, eval_: bool = False, attempt: int = 0):

@@ -4,7 +4,9 @@ The embedded default on CPU and TPU (no extra process). Layout of a generate cal
 
 1. Prompts (strings or token ids) are expanded ``n`` times into rows and cut into
    micro-batches of at most ``max_batch_size`` rows, whole prompts at a time (all ``n``
-   samples of a prompt together, unless ``n`` alone exceeds the batch).
+   samples of a prompt together, unless ``n`` alone exceeds the batch). With
+   ``group_by_length`` (the default on CPU) prompts of similar lengths go together, and a
+   micro-batch is split wherever that reads fewer bytes per decode step (``_group_cost``).
 2. ``_prefill`` runs each distinct prompt of a micro-batch through the model once (prefix
    sharing: GRPO's ``n`` samples of a prompt share one prefill) and copies its KV cache and
    last logits to the rows that continue it. Prompts are left-padded to a power-of-two
@@ -98,7 +100,7 @@ class _Carry:
     logits: jax.Array  # [B, V] float32, the distribution of each slot's next token
     rng: jax.Array  # [B] keys: the stream of the row in each slot
     slot_row: jax.Array  # [B] int32: the row each slot holds (R, out of range: none)
-    first_row: jax.Array  # int32: row 0's index in the generate call (for logits_hook)
+    call_rows: jax.Array  # [R] int32: each row's index in the generate call (logits_hook)
     tokens: jax.Array  # [R, M] int32
     logprobs: jax.Array  # [R, M] float32
     lengths: jax.Array  # [R] int32, tokens generated so far (EOS included)
@@ -164,6 +166,15 @@ class JaxEngine:
             live row (about ``P + max_tokens``), so where attention dominates (21M on CPU)
             it lost to micro-batches: 622 vs 990 useful tok/s at 64 slots
             (``benchmarks/rollout_grpo.py --max-batch-size 64 [--no-refill]``, 2026-12).
+        group_by_length: sort the prompts by length and split them into micro-batches
+            wherever that moves fewer bytes per decode step (``_group_cost``), even when
+            all rows would fit one batch. Every row attends over the whole cache, whose
+            width is the batch's longest prompt: one long prompt makes every row read
+            padding. On CPU a step costs in proportion to its rows and cache slots, so a
+            separate small batch for the long prompts pays; on GPU and TPU a step costs
+            nearly the same for few rows as for many, so it would not. Default (None):
+            on when the engine's weights are on CPU. Outputs do not change (each row's
+            random stream is its own).
     """
 
     def __init__(
@@ -178,6 +189,7 @@ class JaxEngine:
         pad_token_id: int | None = None,
         logits_hook: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None,
         refill: bool = False,
+        group_by_length: bool | None = None,
     ):
         if lora.has_lora(model):  # the sampler runs the adapted weights merged
             model = lora.merge_lora(model)
@@ -203,6 +215,10 @@ class JaxEngine:
         self.pad_token_id = int(pad_token_id)
         self.weights_version = 0
         self.state = self._place(nnx.state(model, nnx.Param))
+        if group_by_length is None:  # on where a decode step costs in proportion to its work
+            device = next(iter(jax.tree.leaves(self.state)[0].devices()))
+            group_by_length = device.platform == "cpu"
+        self.group_by_length = bool(group_by_length)
         self._prefill = jax.jit(
             functools.partial(_prefill, self.graphdef),
             static_argnames=("max_tokens", "room", "pad_id"),
@@ -330,35 +346,79 @@ class JaxEngine:
 
         if self.refill and len(encoded) * params.n > self.max_batch_size:
             rows = [(i, j) for i in range(len(encoded)) for j in range(params.n)]
-            batches = [(0, rows)]
+            batches = [(rows, self._generate_refill)]
         else:
-            batches = self._micro_batches(len(encoded), params.n)
-        for first_row, chunk in batches:
-            generate = self._generate_refill if len(chunk) > self.max_batch_size else (
-                self._generate_batch)
-            completions = generate([encoded[i] for i, _ in chunk], params, keys_of(chunk),
-                                   first_row)
+            batches = [(chunk, functools.partial(self._generate_batch,
+                                                 call_rows=[i * params.n + j for i, j in chunk]))
+                       for chunk in self._micro_batches([len(x) for x in encoded], params)]
+        for chunk, generate in batches:
+            completions = generate([encoded[i] for i, _ in chunk], params, keys_of(chunk))
             for (i, j), c in zip(chunk, completions, strict=True):
                 out[i][j] = c
         return out  # type: ignore[return-value]
 
-    def _micro_batches(self, n_prompts: int, n: int) -> list[tuple[int, list[tuple[int, int]]]]:
-        """The call's rows ``(prompt i, sample j)`` in micro-batches, each with the index of
-        its first row. Whole prompts per micro-batch (their samples share one prefill, and
-        the number of distinct prompts stays the same from batch to batch, which bounds the
-        compiles); a prompt with more samples than ``max_batch_size`` is split."""
-        rows = [(i, j) for i in range(n_prompts) for j in range(n)]
-        size = self.max_batch_size
-        if n <= size:
-            size -= size % n
-        return [(s, rows[s : s + size]) for s in range(0, len(rows), size)]
+    def _micro_batches(self, lengths: list[int], params: SamplingParams
+                       ) -> list[list[tuple[int, int]]]:
+        """The call's rows ``(prompt i, sample j)`` in micro-batches of at most
+        ``max_batch_size`` rows. Whole prompts per micro-batch (their samples share one
+        prefill, and the number of distinct prompts stays the same from batch to batch,
+        which bounds the compiles); a prompt with more samples than ``max_batch_size`` is
+        split, in call order.
+
+        With ``group_by_length`` the prompts are sorted by length and cut where
+        ``_group_cost`` says separate micro-batches read less than one: a few long prompts
+        no longer pad every row's cache (see ``JaxEngine``). Otherwise they go in call
+        order, ``max_batch_size`` rows at a time.
+
+        Args:
+            lengths: each prompt's token count.
+        """
+        n, size = params.n, self.max_batch_size
+        if n > size or not self.group_by_length:
+            rows = [(i, j) for i in range(len(lengths)) for j in range(n)]
+            if n <= size:
+                size -= size % n
+            return [rows[s : s + size] for s in range(0, len(rows), size)]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        cap = size // n  # prompts per micro-batch
+        # best[e]: the least cost of the first e prompts of `order`; cut[e]: where its last
+        # micro-batch starts. Cuts fall between sorted lengths: long prompts go together,
+        # which is where the padding is saved.
+        best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+        for e in range(1, len(order) + 1):
+            for b in range(max(0, e - cap), e):
+                cost = best[b] + self._group_cost((e - b) * n, lengths[order[e - 1]],
+                                                  params.max_tokens)
+                if cost < best[e]:
+                    best[e], cut[e] = cost, b
+        groups, e = [], len(order)
+        while e:
+            groups.append(sorted(order[cut[e] : e]))
+            e = cut[e]
+        return [[(i, j) for i in g for j in range(n)] for g in reversed(groups)]
+
+    def _group_cost(self, rows: int, longest_prompt: int, max_tokens: int) -> float:
+        """Bytes one decode step of a micro-batch moves, roughly (the CPU cost model of
+        ``group_by_length``): the weights once, plus per row its share of the matmuls
+        (counted at 0.1 byte per FLOP: what this machine's CPU does per byte it reads) and
+        its cache slots (prompt bucket plus, on average, half of ``max_tokens``). Fitted on
+        ``benchmarks/decode_step.py``-style steps: at 0.9M parameters 8, 32 and 128 rows
+        over 128 and 384 slots cost 0.3-0.4, 2.1-3.1 and 7.5-13.9 ms; at 21M 14-16,
+        19-20 and 53-69 ms (2026-12-03)."""
+        cfg = self.config
+        itemsize = jnp.dtype(cfg.dtype).itemsize
+        n_params = cfg.num_params()
+        weights = n_params * jnp.dtype(cfg.param_dtype).itemsize
+        slot = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        slots = _prompt_bucket(longest_prompt) + max_tokens / 2
+        return weights + _next_pow2(rows) * (0.1 * 2 * n_params + slot * slots)
 
     def _generate_batch(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
         keys: list[tuple[int, int]],
-        first_row: int,
+        call_rows: list[int],
     ) -> list[Completion]:
         """One micro-batch: pack the prompts, prefill each distinct one, decode until every
         row is done (compacting as rows finish), unpack the rows into ``Completion``s.
@@ -366,10 +426,10 @@ class JaxEngine:
         Args:
             prompts: token ids of each row's prompt (at most ``max_batch_size`` rows).
             keys: each row's random stream, ``(seed, row id)``.
-            first_row: the index of ``prompts[0]``'s row in the generate call.
+            call_rows: each row's index in the generate call (``logits_hook``'s rows).
         """
         ids, mask, prompt_of_row = self._pack(prompts)
-        carry = self._prefill_rows(ids, mask, prompt_of_row, keys, first_row, params.max_tokens)
+        carry = self._prefill_rows(ids, mask, prompt_of_row, keys, call_rows, params.max_tokens)
         carry, stop_info = self._decode_rows(carry, params, len(prompts))
         return self._unpack(carry, prompts, params, stop_info)
 
@@ -378,7 +438,6 @@ class JaxEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         keys: list[tuple[int, int]],
-        first_row: int,
     ) -> list[Completion]:
         """All rows of a call (more than ``max_batch_size``) through ``max_batch_size`` fixed
         slots: whenever enough slots are free, waiting rows are prefilled (each distinct
@@ -508,7 +567,8 @@ class JaxEngine:
         return ids, mask, prompt_of_row
 
     def _prefill_rows(self, ids: np.ndarray, mask: np.ndarray, prompt_of_row: np.ndarray,
-                      keys: list[tuple[int, int]], first_row: int, max_tokens: int) -> _Carry:
+                      keys: list[tuple[int, int]], call_rows: list[int], max_tokens: int
+                      ) -> _Carry:
         """The decode state after the prefill of ``_pack``'s output; rows past
         ``len(keys)`` (filler) are done from the start, so any stream will do for them."""
         (g, p), b, n_rows = ids.shape, len(prompt_of_row), len(keys)
@@ -526,7 +586,7 @@ class JaxEngine:
             self._shard_batch(seeds_of_rows),
             self._shard_batch(ids_of_rows),
             self._shard_batch(done),
-            jnp.int32(first_row),
+            self._shard_batch(np.asarray(call_rows + [0] * (b - n_rows), np.int32)),
             max_tokens=max_tokens,
             room=_cache_room(0, max_tokens),
             pad_id=self.pad_token_id,
@@ -726,7 +786,7 @@ class JaxEngine:
         return len(self.shapes_seen)
 
 
-def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done, first_row,
+def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done, call_rows,
              *, max_tokens, room, pad_id) -> _Carry:
     """Runs the distinct prompts ``ids``, ``mask`` [G, P] through the model once and gives
     each of the B rows a copy of its prompt's cache and last logits -> the decode loop's start.
@@ -736,7 +796,7 @@ def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done
         row_seeds, row_ids: [B] uint32; row ``r`` draws from
             ``fold_in(key(row_seeds[r]), row_ids[r])``.
         done: [B] bool, the filler rows.
-        first_row: int32, row 0's index in the generate call.
+        call_rows: [B] int32, each row's index in the generate call.
         max_tokens: the rows' output length; room: the cache's slots past the prompt.
 
     Only the last position goes through the LM head (its logits are all decoding needs).
@@ -766,7 +826,7 @@ def _prefill(graphdef, state, ids, mask, prompt_of_row, row_seeds, row_ids, done
         logits=jnp.take(logits, prompt_of_row, axis=0),
         rng=jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(row_seeds, row_ids),
         slot_row=jnp.arange(b, dtype=jnp.int32),
-        first_row=first_row,
+        call_rows=call_rows,
         tokens=jnp.full((b, max_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((b, max_tokens), jnp.float32),
         lengths=jnp.zeros((b,), jnp.int32),
@@ -803,7 +863,7 @@ def _decode(graphdef, state, carry: _Carry, end, exit_free, stop_ids, scalars, *
         n_tok = jnp.take(c.lengths, c.slot_row, mode="fill", fill_value=0)  # [B]
         logits = mask_tokens(c.logits, stop_ids, n_tok < min_tokens)
         if logits_hook is not None:
-            logits = logits_hook(logits, c.first_row + c.slot_row, n_tok)
+            logits = logits_hook(logits, jnp.take(c.call_rows, c.slot_row, mode="clip"), n_tok)
         # A row's t-th token uses fold_in(its key, t), whatever slot or step it is at.
         keys = jax.vmap(jax.random.fold_in)(c.rng, n_tok)  # [B]
         tok, _ = sample_tokens(keys, logits, temperature, top_k, top_p, greedy=greedy,
@@ -876,7 +936,7 @@ def _empty_carry(cfg, n_real, *, slots, n_rows, max_tokens, size, index, pad_id)
         logits=jnp.zeros((slots, cfg.vocab_size), jnp.float32),
         rng=jax.random.split(jax.random.key(0), slots),
         slot_row=jnp.full((slots,), n_rows, jnp.int32),
-        first_row=jnp.int32(0),
+        call_rows=jnp.arange(n_rows, dtype=jnp.int32),
         tokens=jnp.full((n_rows, max_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((n_rows, max_tokens), jnp.float32),
         lengths=jnp.zeros((n_rows,), jnp.int32),

@@ -176,3 +176,14 @@ def test_micro_batches_must_split_over_the_data_parallel_devices(name, field):
         train.validate(cfg)
     cfg[block][key] = 16
     train.validate(cfg)
+
+
+def test_engine_group_by_length_takes_auto_on_or_off():
+    cfg = load_config("grpo")
+    for value in ("auto", "on", "off"):
+        cfg.engine.group_by_length = value
+        train.validate(cfg)
+    cfg.engine.group_by_length = "yes"
+    with pytest.raises(ConfigError, match=r"config.engine.group_by_length='yes'; choose one of "
+                                          r"auto, on, off"):
+        train.validate(cfg)

@@ -172,3 +172,43 @@ def test_logits_hook_sees_call_rows_and_compiles_stay_bounded(model):
     decodes = shapes_of(engine, "decode")
     assert {s[1] for s in decodes} <= {16, 8} and {s[2] for s in decodes} == {16}
     assert len(shapes_of(engine, "prefill")) == 1
+
+
+def test_length_groups_split_off_long_prompts_and_sample_the_same(model):
+    """On CPU (the default) a long prompt gets a micro-batch of its own instead of padding
+    every row's cache to its length; the rows sample exactly what one batch samples."""
+    prompts = random_prompts(4, [6, 3, 9, 5, 200, 7, 4, 8])
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=2)
+    grouped = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=64)
+    assert grouped.group_by_length  # weights on CPU
+    batches = grouped._micro_batches([len(p) for p in prompts], params)
+    assert [sorted({i for i, _ in b}) for b in batches] == [[0, 1, 2, 3, 5, 6, 7], [4]]
+    one = JaxEngine(model, eos_token_ids=EOS_IDS, pad_token_id=0, max_batch_size=64,
+                    group_by_length=False)
+    assert len(one._micro_batches([len(p) for p in prompts], params)) == 1
+    out, ref = grouped.generate(prompts, params), one.generate(prompts, params)
+    assert token_ids(out) == token_ids(ref)
+    for cs, rs in zip(out, ref, strict=True):
+        for x, y in zip(cs, rs, strict=True):
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    # prompt buckets: 28 rows no longer attend over 200 slots of padding
+    assert {s[3] for s in shapes_of(grouped, "prefill")} == {16, 224}
+    assert {s[3] for s in shapes_of(one, "prefill")} == {224}
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_micro_batches_hold_every_row_once_within_the_cap(model, group_by_length):
+    lengths = np.random.default_rng(7).integers(1, 400, 37).tolist()
+    params = SamplingParams(n=3, max_tokens=64)
+    engine = JaxEngine(model, eos_token_ids=(), pad_token_id=0, max_batch_size=16,
+                       group_by_length=group_by_length)
+    batches = engine._micro_batches(lengths, params)
+    rows = [r for b in batches for r in b]
+    assert sorted(rows) == [(i, j) for i in range(37) for j in range(3)]
+    assert all(len(b) <= 15 and len(b) % 3 == 0 for b in batches)  # whole prompts
+    if group_by_length:  # runs of sorted lengths: each batch's prompts follow the previous'
+        spans = [(min(lengths[i] for i, _ in b), max(lengths[i] for i, _ in b)) for b in batches]
+        spans.sort()
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False))
+    else:
+        assert rows == sorted(rows)  # call order
