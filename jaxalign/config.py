@@ -55,7 +55,7 @@ def base_config(name: str, algorithm: str) -> ml_collections.ConfigDict:
     c.model.seed = 0
     c.model.dtype = "float32"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    c.model.attention_impl = "xla"  # xla | dot_product | cudnn
+    c.model.attention_impl = "xla"  # xla | dot_product | cudnn (GPU) | splash (TPU)
     c.model.remat = "none"  # none | full | save_dots
     # LoRA adapters on the policy (``--config.lora.rank=16``); rank 0: full fine-tuning
     c.lora = lora_block()
@@ -245,14 +245,19 @@ def validate_common(cfg: ml_collections.ConfigDict, known_algorithms) -> None:
     for field in ("dtype", "param_dtype"):
         check(getattr(m, field) in ("float32", "bfloat16", "float16"),
               f"config.model.{field}={getattr(m, field)!r}; choose float32, bfloat16 or float16")
-    check(m.attention_impl in ("xla", "dot_product", "cudnn"),
-          f"config.model.attention_impl={m.attention_impl!r}; choose xla, dot_product or cudnn")
+    check(m.attention_impl in ("xla", "dot_product", "cudnn", "splash"),
+          f"config.model.attention_impl={m.attention_impl!r}; choose xla, dot_product, cudnn "
+          f"or splash")
     platform = jax.default_backend()
     # cuDNN's fused attention exists only on NVIDIA GPUs; elsewhere XLA fails deep in
     # compilation with a message that does not name the config field.
     check(m.attention_impl != "cudnn" or platform in ("gpu", "cuda"),
           f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, and this process runs on "
           f"{platform}: set --config.model.attention_impl=dot_product (or xla)")
+    # Splash attention is a Pallas TPU kernel; elsewhere only its (very slow) interpreter.
+    check(m.attention_impl != "splash" or platform == "tpu",
+          f"config.model.attention_impl='splash' needs a TPU, and this process runs on "
+          f"{platform}: set --config.model.attention_impl=xla (or cudnn on a GPU)")
     check(m.remat in ("none", "full", "save_dots"),
           f"config.model.remat={m.remat!r}; choose none, full or save_dots")
     validate_lora(cfg.lora)

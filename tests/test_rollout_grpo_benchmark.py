@@ -48,3 +48,16 @@ def test_a_tiny_run_forces_the_same_lengths_in_both_engines(shared_data, capsys)
     assert result["ratios"][0] > 0
     # transformers runs every row until the longest ends; JaxEngine compacts.
     assert 0 <= result["jax_waste"] < result["torch_waste"]
+
+
+def test_decode_step_benchmark_runs_the_engines_prefill_and_a_cached_step():
+    """benchmarks/decode_step.py drives JaxEngine's private ``_prefill``: keep it in step."""
+    spec = importlib.util.spec_from_file_location("benchmarks_decode_step",
+                                                  _DIR / "decode_step.py")
+    decode_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_step)
+    from jaxalign.models import init_model, tiny
+
+    prompts = np.random.default_rng(0).integers(2, 500, (4, 8)).tolist()
+    prefill_ms, step_ms = decode_step.jax_times(init_model(tiny()), prompts, 4)
+    assert prefill_ms > 0 and step_ms > 0

@@ -30,7 +30,7 @@ from flax import nnx
 from jaxalign import sharding
 from jaxalign.models import rope
 
-ATTENTION_IMPLS = ("xla", "dot_product", "cudnn")
+ATTENTION_IMPLS = ("xla", "dot_product", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 # HF config keys that Qwen2Config mirrors as fields; everything else in config.json is kept
@@ -416,7 +416,9 @@ class Attention(nnx.Module):
         q = rope.apply_rope(self.q_proj(x), cos, sin)  # [B, T, N, H]
         k = rope.apply_rope(self.k_proj(x), cos, sin)  # [B, T, K, H]
         v = self.v_proj(x)  # [B, T, K, H]
+        impl = self.cfg.attention_impl
         if kv is not None:
+            impl = "xla" if impl == "splash" else impl  # splash trains; caches are masked
             # Only the new T slots are transposed into the cache layout, never the cache.
             k_cache, v_cache = kv
             k_new = jnp.transpose(k, (0, 2, 3, 1)).astype(k_cache.dtype)  # [B, K, H, T]
@@ -425,14 +427,14 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v_new, (0, 0, index, 0))
             kv = (k_cache, v_cache)
             if fresh:
-                out = attend(q, k, v, mask, impl=self.cfg.attention_impl)
-            elif self.cfg.attention_impl == "xla":
+                out = attend(q, k, v, mask, impl=impl)
+            elif impl == "xla":
                 out = attend_cached(q, k_cache, v_cache, mask)
             else:
                 k, v = jnp.transpose(k_cache, (0, 3, 1, 2)), jnp.swapaxes(v_cache, 1, 2)
-                out = attend(q, k, v, mask, impl=self.cfg.attention_impl)
+                out = attend(q, k, v, mask, impl=impl)
         else:
-            out = attend(q, k, v, mask, impl=self.cfg.attention_impl)  # [B, T, N, H]
+            out = attend(q, k, v, mask, impl=impl)  # [B, T, N, H]
         return self.o_proj(out), kv
 
 
@@ -444,12 +446,15 @@ def attend(q, k, v, mask, *, impl: str = "xla"):
         mask: [B, 1, T, S] bool, True where a query may attend to a key. Every query row
             must allow at least one key (the model lets padding tokens see themselves).
         impl: ``xla`` (plain einsums, the reference, runs everywhere), ``dot_product``
-            (``jax.nn.dot_product_attention``, lets XLA pick a fused kernel) or ``cudnn``
-            (cuDNN flash attention; GPU only, bf16/fp16 inputs).
+            (``jax.nn.dot_product_attention``, lets XLA pick a fused kernel), ``cudnn``
+            (cuDNN flash attention; GPU only, bf16/fp16 inputs) or ``splash`` (TPU's
+            splash attention, ``splash_attend``: ``mask`` is then [B, T] segment ids).
 
     Returns:
         [B, T, N, H] in the dtype of ``q``.
     """
+    if impl == "splash":
+        return splash_attend(q, k, v, mask)
     if impl != "xla":
         implementation = "cudnn" if impl == "cudnn" else None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
@@ -462,6 +467,71 @@ def attend(q, k, v, mask, *, impl: str = "xla"):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
+
+
+SPLASH_BLOCK = 128  # the kernel's default tile along the sequence: lengths are padded to it
+
+
+def splash_attend(q, k, v, segment_ids, *, interpret: bool | None = None):
+    """Causal attention within segments by TPU's splash attention kernel (Pallas), which
+    takes segment ids: packed rows cost no ``[B, 1, T, T]`` mask and skip the blocks
+    between segments.
+
+    Args:
+        q: [B, T, N, H]; k, v: [B, T, K, H] (kv heads repeated to N for the kernel).
+        segment_ids: [B, T] int32: a token attends to earlier tokens of its own id (a
+            padded row's padding, id 0, only to padding).
+        interpret: run the kernel in Pallas' interpreter (default: off a TPU; the tests'
+            CPU path, far too slow for training).
+
+    Returns:
+        [B, T, N, H] in the dtype of ``q``. Under a mesh (``sharding.traced_on``) the
+        kernel runs per shard (``shard_map``): batch over the activations' batch axes,
+        heads over ``tensor`` when they divide.
+    """
+    # Imported here: Pallas' TPU ops load Mosaic, which nothing else needs.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, t, n, h = q.shape
+    pad = -t % SPLASH_BLOCK  # padded tokens get segment -1: they attend among themselves
+    segment_ids = jnp.pad(jnp.asarray(segment_ids, jnp.int32), ((0, 0), (0, pad)),
+                          constant_values=-1)
+
+    def heads_first(x):  # [B, T, K, H] -> [B, N, T', H]
+        x = jnp.repeat(x, n // x.shape[2], axis=2)
+        return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    qh = heads_first(q * jnp.asarray(h**-0.5, q.dtype))
+    kh, vh = heads_first(k).astype(q.dtype), heads_first(v).astype(q.dtype)
+
+    def local(qh, kh, vh, seg):  # one shard: [b, n, T', H] x 3, [b, T']
+        size = qh.shape[2]
+        mask = splash_mask.MultiHeadMask(
+            [splash_mask.CausalMask((size, size)) for _ in range(qh.shape[1])])
+        kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)  # 128-token blocks
+        ids = splash.SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(
+            qh, kh, vh, ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        batch = sharding.logical_to_spec(("batch",), sharding.ACTIVATION_RULES, mesh, (b,))[0]
+        heads = "tensor" if "tensor" in mesh.shape and n % mesh.shape["tensor"] == 0 and (
+            mesh.shape["tensor"] > 1) else None
+        spec = jax.sharding.PartitionSpec(batch, heads)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec,
+                                                          jax.sharding.PartitionSpec(batch)),
+                              out_specs=spec, check_vma=False)
+    out = local(qh, kh, vh, segment_ids)  # [B, N, T', H]
+    return out[:, :, :t].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def attend_cached(q, k, v, mask):
@@ -573,7 +643,14 @@ class Qwen2Model(nnx.Module):
 
         cos, sin = self._rope(positions)  # [B, T, H]
         key_mask, index, full_mask, window_mask = self._masks(attention_mask, cache, fresh_cache)
-        if segment_ids is not None:  # [B, 1, T, T]: no attention across packed sequences
+        if cfg.attention_impl == "splash" and cache is None:
+            if window_mask is not None:
+                raise ValueError("attention_impl='splash' has no sliding-window layers here: "
+                                 "use attention_impl='xla'")
+            # The kernel masks causally within segments itself: [B, T] ids, not [B, 1, T, T].
+            full_mask = (attention_mask.astype(jnp.int32) if segment_ids is None
+                         else segment_ids.astype(jnp.int32))
+        elif segment_ids is not None:  # [B, 1, T, T]: no attention across packed sequences
             same = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
             full_mask &= same
             window_mask = None if window_mask is None else window_mask & same

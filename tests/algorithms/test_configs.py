@@ -187,3 +187,13 @@ def test_engine_group_by_length_takes_auto_on_or_off():
     with pytest.raises(ConfigError, match=r"config.engine.group_by_length='yes'; choose one of "
                                           r"auto, on, off"):
         train.validate(cfg)
+
+
+def test_splash_attention_off_a_tpu_is_refused_with_the_fix(monkeypatch):
+    cfg = load_config("grpo")
+    cfg.model.attention_impl = "splash"
+    with pytest.raises(ConfigError, match=r"'splash' needs a TPU, and this process runs on cpu: "
+                                          r"set --config.model.attention_impl=xla"):
+        train.validate(cfg)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    train.validate(cfg)
