@@ -474,8 +474,8 @@ SPLASH_BLOCK = 128  # the kernel's default tile along the sequence: lengths are 
 
 def splash_attend(q, k, v, segment_ids, *, interpret: bool | None = None):
     """Causal attention within segments by TPU's splash attention kernel (Pallas), which
-    takes segment ids: packed rows cost no ``[B, 1, T, T]`` mask and skip the blocks
-    between segments.
+    takes segment ids: packed rows cost no ``[B, 1, T, T]`` mask, and the blocks above the
+    causal diagonal are skipped.
 
     Args:
         q: [B, T, N, H]; k, v: [B, T, K, H] (kv heads repeated to N for the kernel).
