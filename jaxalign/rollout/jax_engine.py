@@ -399,9 +399,9 @@ class JaxEngine:
 
     def _group_cost(self, rows: int, longest_prompt: int, max_tokens: int) -> float:
         """Bytes one decode step of a micro-batch moves, roughly (the CPU cost model of
-        ``group_by_length``): the weights once, plus per row its share of the matmuls
-        (counted at 0.1 byte per FLOP: what this machine's CPU does per byte it reads) and
-        its cache slots (prompt bucket plus, on average, half of ``max_tokens``). Fitted on
+        ``group_by_length``): the weights once, plus per row its matmuls (a FLOP counted
+        as 0.1 byte: this CPU does about 10 FLOPs in the time it reads a byte) and its
+        cache slots (prompt bucket plus, on average, half of ``max_tokens``). Fitted on
         ``benchmarks/decode_step.py``-style steps: at 0.9M parameters 8, 32 and 128 rows
         over 128 and 384 slots cost 0.3-0.4, 2.1-3.1 and 7.5-13.9 ms; at 21M 14-16,
         19-20 and 53-69 ms (2026-12-03)."""
